@@ -1,0 +1,40 @@
+from __future__ import annotations
+
+import threading
+
+import zstandard
+
+from kvtier.codecs.base import Codec
+from kvtier.errors import CodecError
+
+
+class ZstdCodec(Codec):
+    """ZSTD at a configurable level (1..22). Compressor objects are per thread: they are not thread-safe."""
+
+    codec_id = 2
+    name = "zstd"
+
+    def __init__(self, level: int = 3) -> None:
+        if not 1 <= level <= 22:
+            raise CodecError(f"zstd: level must be 1..22, got {level}")
+        self.level = level
+        self._local = threading.local()
+
+    def _pair(self) -> tuple[zstandard.ZstdCompressor, zstandard.ZstdDecompressor]:
+        pair = getattr(self._local, "pair", None)
+        if pair is None:
+            pair = (zstandard.ZstdCompressor(level=self.level), zstandard.ZstdDecompressor())
+            self._local.pair = pair
+        return pair
+
+    def encode(self, data: bytes | memoryview) -> bytes:
+        return self._pair()[0].compress(data)
+
+    def decode(self, payload: bytes | memoryview, raw_size: int) -> bytes:
+        try:
+            out = self._pair()[1].decompress(payload, max_output_size=raw_size)
+        except zstandard.ZstdError as exc:
+            raise CodecError(f"zstd: {exc}") from exc
+        if len(out) != raw_size:
+            raise CodecError(f"zstd: decoded {len(out)} bytes, expected {raw_size}")
+        return out

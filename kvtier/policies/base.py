@@ -1,0 +1,67 @@
+"""EvictionPolicy ABC: which keys leave a tier when it needs room. Policy is kept apart from storage."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from kvtier.keys import BlockKey
+
+
+class EvictionPolicy(ABC):
+    """Tracks the keys a tier holds and chooses victims.
+
+    Contract (every implementation passes tests/test_policy_contract.py):
+    - ``on_insert(key, size)`` starts tracking ``key`` (re-inserting a tracked key updates its size and counts
+      as an access). ``on_access`` of an untracked key is ignored. ``on_remove`` of an untracked key is ignored.
+    - ``evict(nbytes)`` is atomic: it either returns victims whose sizes sum to at least ``nbytes`` and stops
+      tracking exactly those, or, when that is impossible (not enough evictable bytes), returns ``[]`` and
+      changes nothing. ``evict(0)`` returns ``[]``. Protected keys are never returned.
+    - ``protect``/``unprotect`` mark keys that must not be evicted (e.g. blocks being loaded right now).
+    - ``update_scores`` feeds per-block importance (attention); policies that do not use it ignore it.
+    - Not thread-safe by itself: the owning tier serialises calls under its lock.
+    """
+
+    name: str = "base"
+
+    def __init__(self, **params: Any) -> None:
+        if params:
+            raise TypeError(f"unknown parameter(s) {sorted(params)} for policy {self.name!r}")
+        self._protected: dict[BlockKey, int] = {}
+
+    @abstractmethod
+    def on_insert(self, key: BlockKey, size: int) -> None: ...
+
+    @abstractmethod
+    def on_access(self, key: BlockKey) -> None: ...
+
+    @abstractmethod
+    def on_remove(self, key: BlockKey) -> None: ...
+
+    @abstractmethod
+    def evict(self, nbytes: int) -> list[BlockKey]: ...
+
+    @abstractmethod
+    def __contains__(self, key: object) -> bool: ...
+
+    @abstractmethod
+    def __len__(self) -> int: ...
+
+    def protect(self, keys: Iterable[BlockKey]) -> None:
+        for key in keys:
+            self._protected[key] = self._protected.get(key, 0) + 1
+
+    def unprotect(self, keys: Iterable[BlockKey]) -> None:
+        for key in keys:
+            count = self._protected.get(key, 0) - 1
+            if count > 0:
+                self._protected[key] = count
+            else:
+                self._protected.pop(key, None)
+
+    def is_protected(self, key: BlockKey) -> bool:
+        return key in self._protected
+
+    def update_scores(self, scores: Mapping[BlockKey, float]) -> None:
+        """Per-block importance; ignored by policies that do not use it."""
