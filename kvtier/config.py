@@ -242,6 +242,11 @@ def _build_tier(raw: Any, path: str) -> TierConfig:
                       "params": {k: v for k, v in policy_raw.items() if k != "name"}}
     else:
         raise ConfigError(f"{path}.policy: expected a policy name or a mapping with 'name'")
+    option_fields = {f.name for f in dataclasses.fields(_OPTIONS_BY_KIND[kind])}
+    for key in raw:
+        if key not in common and key not in option_fields:
+            known = ", ".join(sorted(common | option_fields))
+            raise ConfigError(f"{path}.{key}: unknown key for a {kind} tier (expected one of: {known})")
     options = _build_dataclass(_OPTIONS_BY_KIND[kind], {k: v for k, v in raw.items() if k not in common}, path)
     return TierConfig(
         name=_check_type(raw.get("name", kind), str, f"{path}.name"),

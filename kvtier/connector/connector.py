@@ -1,0 +1,163 @@
+"""KVTierConnector: vLLM's KV-connector interface, dispatching to the scheduler or worker side by role.
+
+Enable with ``--kv-transfer-config '{"kv_connector":"KVTierConnector","kv_role":"kv_both",
+"kv_connector_extra_config":{"config":"configs/default.yaml"}}'``. The extra config may instead hold the
+config inline (``{"tiers": [...]}``); with neither, ``$KVTIER_CONFIG`` or the embedded default is used.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import TYPE_CHECKING, Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+
+from kvtier.config import KVTierConfig, default_config
+from kvtier.connector.fingerprint import fingerprint_from_vllm
+from kvtier.connector.metadata import KVTierMetadata, KVTierStats
+from kvtier.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+    from vllm.config import VllmConfig
+    from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.attention.backend import AttentionMetadata
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
+    from vllm.v1.request import Request
+
+log = logging.getLogger("kvtier")
+
+
+def load_config(extra: dict[str, Any] | None) -> KVTierConfig:
+    extra = dict(extra or {})
+    path = extra.pop("config", None) or os.environ.get("KVTIER_CONFIG")
+    if path:
+        return KVTierConfig.from_yaml(path)
+    if "tiers" in extra:
+        return KVTierConfig.from_dict(extra, source="kv_connector_extra_config")
+    if extra:
+        raise ConfigError(f"kv_connector_extra_config: unknown keys {sorted(extra)}; use 'config' (a YAML path) "
+                          "or an inline config with 'tiers'")
+    return default_config()
+
+
+class KVTierConnector(KVConnectorBase_V1):
+    def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole,
+                 kv_cache_config: KVCacheConfig | None = None) -> None:
+        super().__init__(vllm_config, role, kv_cache_config)
+        transfer = vllm_config.kv_transfer_config
+        self.cfg = load_config(transfer.kv_connector_extra_config if transfer else None)
+        if vllm_config.parallel_config.tensor_parallel_size > 1 or vllm_config.parallel_config.pipeline_parallel_size > 1:
+            raise ConfigError("KVTierConnector: tensor/pipeline parallelism > 1 is not supported yet "
+                              "(block keys are per rank; see the README's limitations)")
+        self.block_size = int(vllm_config.cache_config.block_size)
+        self._scheduler = None
+        self._worker = None
+        if role == KVConnectorRole.SCHEDULER:
+            from kvtier.connector.scheduler import SchedulerSide
+
+            if transfer is not None and transfer.kv_load_failure_policy != "recompute":
+                # A block that fails verification must be recomputed, never fail the request.
+                object.__setattr__(transfer, "kv_load_failure_policy", "recompute")
+            self._scheduler = SchedulerSide(self.cfg, fingerprint_from_vllm(vllm_config, kv_cache_config),
+                                            self.block_size)
+        else:
+            from kvtier.connector.worker import WorkerSide
+
+            num_blocks = kv_cache_config.num_blocks if kv_cache_config is not None else None
+            self._worker = WorkerSide(self.cfg, num_blocks)
+
+    # ---- worker side -----------------------------------------------------------------------------
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        assert self._worker is not None
+        self._worker.register_kv_caches(kv_caches)
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        assert self._worker is not None
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, KVTierMetadata)
+        self._worker.start_load_kv(meta)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return None
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: AttentionMetadata,
+                      **kwargs: Any) -> None:
+        return None  # whole blocks are gathered once per step in wait_for_save
+
+    def wait_for_save(self) -> None:
+        assert self._worker is not None
+        if self.has_connector_metadata():
+            meta = self._get_connector_metadata()
+            assert isinstance(meta, KVTierMetadata)
+            self._worker.wait_for_save(meta)
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        assert self._worker is not None
+        return self._worker.get_finished(finished_req_ids)
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        return self._worker.take_load_errors() if self._worker is not None else set()
+
+    def build_connector_worker_meta(self) -> Any:
+        return self._worker.build_worker_meta() if self._worker is not None else None
+
+    def get_kv_connector_stats(self) -> KVConnectorStats | None:
+        data = self._worker.stats_data() if self._worker is not None else None
+        return KVTierStats(data=data) if data else None
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVConnectorStats | None:
+        return KVTierStats(data=dict(data or {}))
+
+    def shutdown(self) -> None:
+        if self._worker is not None:
+            self._worker.shutdown()
+
+    # ---- scheduler side --------------------------------------------------------------------------
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
+        assert self._scheduler is not None
+        return self._scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
+
+    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
+        assert self._scheduler is not None
+        self._scheduler.update_state_after_alloc(request, blocks, num_external_tokens)
+
+    def get_external_cache_hit_sources(self, request: Request, num_external_tokens: int) -> dict[Any, int]:
+        from vllm.v1.metrics.cache_hit_source import CacheHitSource
+
+        if num_external_tokens == 0 or self._scheduler is None:
+            return {}
+        kinds = {"dram": CacheHitSource.HOST, "disk": CacheHitSource.DISK}
+        out: dict[Any, int] = {}
+        for tier, tokens in self._scheduler.hit_sources(request).items():
+            source = kinds.get(self._scheduler.tier_kinds.get(tier, ""), CacheHitSource.EXTERNAL_UNSPECIFIED)
+            out[source] = out.get(source, 0) + tokens
+        if sum(out.values()) != num_external_tokens:
+            return {CacheHitSource.EXTERNAL_UNSPECIFIED: num_external_tokens}
+        return out
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        assert self._scheduler is not None
+        return self._scheduler.build_connector_meta(scheduler_output)
+
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        if self._scheduler is not None:
+            self._scheduler.update_connector_output(connector_output.kv_connector_worker_meta)
+
+    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        if self._scheduler is not None:
+            self._scheduler.request_finished(request)
+        return False, None  # blocks were copied out at the end of the step that computed them
+
+    def reset_cache(self) -> bool | None:
+        return self._scheduler.reset_cache() if self._scheduler is not None else None

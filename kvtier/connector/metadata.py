@@ -1,0 +1,64 @@
+"""What the scheduler-side connector sends the worker each step, what the worker sends back, and stats."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata, KVConnectorWorkerMetadata
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
+
+
+@dataclass
+class LoadSpec:
+    req_id: str
+    keys: list[bytes]
+    block_ids: list[int]
+    is_async: bool = False
+
+
+@dataclass
+class KVTierMetadata(KVConnectorMetadata):
+    loads: list[LoadSpec] = field(default_factory=list)
+    saves: list[tuple[bytes, int]] = field(default_factory=list)  # (key, block id)
+    clear_store: bool = False
+
+
+@dataclass
+class KVTierWorkerMeta(KVConnectorWorkerMetadata):
+    """Placement changes since the last step: (key, tier name) for stored/moved, (key, None) for gone."""
+
+    events: list[tuple[bytes, str | None]] = field(default_factory=list)
+
+    def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
+        if isinstance(other, KVTierWorkerMeta):
+            return KVTierWorkerMeta(self.events + other.events)
+        return self
+
+
+# Stats keys summed across workers and intervals; per-tier counters are "<tier>.<counter>".
+@dataclass
+class KVTierStats(KVConnectorStats):
+    def reset(self) -> None:
+        self.data = {}
+
+    def aggregate(self, other: KVConnectorStats) -> KVConnectorStats:
+        for key, value in other.data.items():
+            if isinstance(value, int | float):
+                self.data[key] = self.data.get(key, 0) + value
+        return self
+
+    def reduce(self) -> dict[str, int | float]:
+        out: dict[str, int | float] = {}
+        for key in sorted(self.data):
+            value = self.data[key]
+            if value:
+                out[key] = round(value, 4) if isinstance(value, float) else value
+        return out
+
+    def is_empty(self) -> bool:
+        return not any(self.data.values())
+
+
+def stats_delta(now: dict[str, Any], before: dict[str, Any]) -> dict[str, Any]:
+    return {k: v - before.get(k, 0) for k, v in now.items() if v != before.get(k, 0)}

@@ -1,0 +1,167 @@
+"""Scheduler-side connector: prefix lookup, load and save plans, placement index fed by the workers."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from kvtier.config import DiskOptions, KVTierConfig
+from kvtier.connector.metadata import KVTierMetadata, KVTierWorkerMeta, LoadSpec
+from kvtier.keys import KEY_SIZE, KeyChain, ModelFingerprint
+
+if TYPE_CHECKING:
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.request import Request
+
+log = logging.getLogger("kvtier.scheduler")
+
+
+@dataclass
+class _ReqState:
+    request: Request
+    chain: KeyChain
+    block_ids: list[int] = field(default_factory=list)
+    pending_load: tuple[int, int] | None = None  # (first block, end block) from get_num_new_matched_tokens
+    next_save_block: int = 0
+    hit_tiers: dict[str, int] = field(default_factory=dict)
+
+
+class SchedulerSide:
+    def __init__(self, cfg: KVTierConfig, fingerprint: ModelFingerprint, block_size: int) -> None:
+        self.cfg = cfg
+        self.fingerprint = fingerprint
+        self.block_size = block_size
+        self.tier_kinds = {t.name: t.kind for t in cfg.tiers}
+        self.index: dict[bytes, str] = {}  # key -> tier that holds it (as last reported)
+        self.pending_saves: set[bytes] = set()
+        self._reqs: dict[str, _ReqState] = {}
+        self._loads: list[LoadSpec] = []
+        self._clear_next = False
+        self._scan_persistent_tiers()
+
+    def _scan_persistent_tiers(self) -> None:
+        """Learn what disk tiers already hold (from a previous run) before the first request arrives."""
+        for tier in reversed(self.cfg.tiers):
+            if isinstance(tier.options, DiskOptions):
+                for path in Path(tier.options.path).glob("*/*.kvb"):
+                    try:
+                        key = bytes.fromhex(path.stem)
+                    except ValueError:
+                        continue
+                    if len(key) == KEY_SIZE:
+                        self.index[key] = tier.name
+        if self.index:
+            log.info("kvtier: %d stored blocks found on disk tiers", len(self.index))
+
+    def _state(self, request: Request) -> _ReqState:
+        state = self._reqs.get(request.request_id)
+        if state is None:
+            chain = KeyChain(self.fingerprint, self.block_size, getattr(request, "cache_salt", None))
+            state = _ReqState(request, chain)
+            self._reqs[request.request_id] = state
+        return state
+
+    # ---- lookup ------------------------------------------------------------------------------------
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
+        state = self._state(request)
+        state.pending_load = None
+        if getattr(request, "mm_features", None):
+            return 0, False  # multimodal inputs change KV without changing token ids: never reuse
+        # vLLM must compute at least the last prompt token itself.
+        max_blocks = (request.num_tokens - 1) // self.block_size
+        keys = state.chain.extend(list(request.all_token_ids[:max_blocks * self.block_size]))
+        hit = 0
+        for key in keys[:max_blocks]:
+            if key not in self.index:
+                break
+            hit += 1
+        first = num_computed_tokens // self.block_size
+        if hit <= first or hit - first < self.cfg.connector.min_hit_blocks:
+            return 0, False
+        state.pending_load = (first, hit)
+        return hit * self.block_size - num_computed_tokens, self.cfg.connector.async_load
+
+    def update_state_after_alloc(self, request: Request, blocks: Any, num_external_tokens: int) -> None:
+        state = self._state(request)
+        if num_external_tokens == 0 or state.pending_load is None:
+            state.pending_load = None
+            return
+        first, end = state.pending_load
+        state.pending_load = None
+        block_ids = list(blocks.get_block_ids()[0])
+        state.block_ids = block_ids
+        keys = state.chain.keys[first:end]
+        state.hit_tiers = {}
+        for key in keys:
+            tier = self.index.get(key, "?")
+            state.hit_tiers[tier] = state.hit_tiers.get(tier, 0) + self.block_size
+        self._loads.append(LoadSpec(request.request_id, list(keys), block_ids[first:end],
+                                    self.cfg.connector.async_load))
+        state.next_save_block = max(state.next_save_block, end)
+
+    def hit_sources(self, request: Request) -> dict[str, int]:
+        state = self._reqs.get(request.request_id)
+        return dict(state.hit_tiers) if state else {}
+
+    # ---- per-step plan -----------------------------------------------------------------------------
+    def build_connector_meta(self, so: SchedulerOutput) -> KVTierMetadata:
+        meta = KVTierMetadata(loads=self._loads, clear_store=self._clear_next)
+        self._loads = []
+        self._clear_next = False
+        for new in so.scheduled_new_reqs:
+            state = self._reqs.get(new.req_id)
+            if state is None:
+                continue
+            state.block_ids = list(new.block_ids[0])
+            self._plan_saves(state, new.num_computed_tokens + so.num_scheduled_tokens[new.req_id], meta)
+        cached = so.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            state = self._reqs.get(req_id)
+            if state is None:
+                continue
+            new_ids = cached.new_block_ids[i]
+            if req_id in cached.resumed_req_ids:
+                state.block_ids = list(new_ids[0]) if new_ids else []
+            elif new_ids:
+                state.block_ids.extend(new_ids[0])
+            self._plan_saves(state, cached.num_computed_tokens[i] + so.num_scheduled_tokens[req_id], meta)
+        return meta
+
+    def _plan_saves(self, state: _ReqState, tokens_after_step: int, meta: KVTierMetadata) -> None:
+        request = state.request
+        limit = tokens_after_step
+        if not self.cfg.connector.save_decode_blocks:
+            limit = min(limit, request.num_prompt_tokens)
+        full = min(limit // self.block_size, len(state.block_ids))
+        if full <= state.next_save_block:
+            return
+        keys = state.chain.extend(list(request.all_token_ids[:full * self.block_size]))
+        for b in range(state.next_save_block, full):
+            key = keys[b]
+            if key in self.index or key in self.pending_saves:
+                continue
+            self.pending_saves.add(key)
+            meta.saves.append((key, state.block_ids[b]))
+        state.next_save_block = full
+
+    # ---- feedback from workers ---------------------------------------------------------------------
+    def update_connector_output(self, worker_meta: object) -> None:
+        if not isinstance(worker_meta, KVTierWorkerMeta):
+            return
+        for key, tier in worker_meta.events:
+            self.pending_saves.discard(key)
+            if tier is None:
+                self.index.pop(key, None)
+            else:
+                self.index[key] = tier
+
+    def request_finished(self, request: Request) -> None:
+        self._reqs.pop(request.request_id, None)
+
+    def reset_cache(self) -> bool:
+        self.index.clear()
+        self.pending_saves.clear()
+        self._clear_next = True
+        return True

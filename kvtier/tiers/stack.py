@@ -1,0 +1,189 @@
+"""TierStack: the ordered hierarchy of tiers (fastest first) that the connector talks to.
+
+- put: encode with the top tier's codec and store there; victims are demoted one tier down (re-encoded with
+  that tier's codec when the formats differ) and dropped from the last tier. Write-through tiers also get
+  every put.
+- get: the first tier that holds the key answers; the record is verified (checksum, key, sizes). A record
+  that fails verification is deleted and reported as a miss, never returned. On a hit below the top tier the
+  block is promoted (copied up) when ``promote_on_hit`` is set.
+- lookup_prefix: the longest run of leading keys present in any tier.
+
+A tier error is a miss: it is counted, logged once per tier and error kind, and never raised to the caller.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+
+from kvtier.config import KVTierConfig
+from kvtier.errors import CorruptBlockError, TierError, TierFullError
+from kvtier.keys import BlockKey
+from kvtier.metrics import StoreMetrics
+from kvtier.tiers.base import Tier, Victim
+
+log = logging.getLogger(__name__)
+
+
+class TierStack:
+    def __init__(self, tiers: Sequence[Tier], promote_on_hit: bool = True,
+                 write_through: Sequence[str] = (), metrics: StoreMetrics | None = None,
+                 on_change: Callable[[BlockKey, str | None], None] | None = None) -> None:
+        if not tiers:
+            raise ValueError("a TierStack needs at least one tier")
+        self.tiers = list(tiers)
+        self.promote_on_hit = promote_on_hit
+        self.write_through = [t for t in self.tiers if t.name in set(write_through)]
+        self.metrics = metrics or StoreMetrics()
+        self._logged: set[tuple[str, str]] = set()
+        # Told where a key now lives (tier name) or that no tier holds it any more (None).
+        self.on_change = on_change or (lambda key, tier: None)
+
+    @classmethod
+    def from_config(cls, cfg: KVTierConfig, metrics: StoreMetrics | None = None,
+                    on_change: Callable[[BlockKey, str | None], None] | None = None) -> TierStack:
+        from kvtier.tiers.factory import make_tier
+
+        tiers = [make_tier(t, cfg.checksum, f"tiers[{i}]") for i, t in enumerate(cfg.tiers)]
+        for tier in tiers:
+            tier.load_existing()
+        return cls(tiers, cfg.promote_on_hit, [t.name for t in cfg.tiers if t.write_through], metrics, on_change)
+
+    # ---- writes --------------------------------------------------------------------------------
+    def put(self, key: BlockKey, raw: bytes | memoryview) -> bool:
+        """Store a block's raw bytes. Returns False when no tier accepted it (the caller loses nothing)."""
+        stored = self._put_into(0, key, self.tiers[0].codec.encode(key, raw))
+        for tier in self.write_through:
+            if tier is not self.tiers[0] and not tier.contains(key):
+                index = self.tiers.index(tier)
+                self._put_into(index, key, tier.codec.encode(key, raw), cascade=False)
+        return stored
+
+    def _put_into(self, index: int, key: BlockKey, record: bytes, cascade: bool = True) -> bool:
+        tier = self.tiers[index]
+        start = time.perf_counter()
+        try:
+            victims = tier.put(key, record)
+        except TierFullError as exc:
+            self._fail(tier, "full", exc)
+            return self._put_below(index, key, record) if cascade else False
+        except TierError as exc:
+            self._fail(tier, "error", exc)
+            return self._put_below(index, key, record) if cascade else False
+        self.metrics.observe(tier.name, "put", time.perf_counter() - start)
+        self.metrics.add(tier.name, "puts")
+        self.metrics.add(tier.name, "bytes_written", len(record))
+        self.on_change(key, tier.name)
+        for victim in victims:
+            self.metrics.add(tier.name, "evictions")
+            self._demote(index, victim)
+        return True
+
+    def _put_below(self, index: int, key: BlockKey, record: bytes) -> bool:
+        """A tier refused the record: try the next one down (re-encoded for it)."""
+        if index + 1 >= len(self.tiers):
+            return False
+        converted = self._convert(index, key, record)
+        return converted is not None and self._put_into(index + 1, key, converted)
+
+    def _demote(self, index: int, victim: Victim) -> None:
+        key, record = victim
+        if index + 1 < len(self.tiers) and record is not None:
+            lower = self.tiers[index + 1]
+            if lower.contains(key):
+                self.on_change(key, lower.name)
+                return
+            converted = self._convert(index, key, record)
+            if converted is not None and self._put_into(index + 1, key, converted):
+                self.metrics.add(self.tiers[index].name, "demotions")
+                return
+        self.metrics.add(self.tiers[index].name, "drops")
+        self.on_change(key, self.where(key))
+
+    def _convert(self, index: int, key: BlockKey, record: bytes) -> bytes | None:
+        src, dst = self.tiers[index], self.tiers[index + 1]
+        if src.codec.same_format(dst.codec):
+            return record
+        try:
+            return dst.codec.encode(key, src.codec.decode(key, record))
+        except CorruptBlockError as exc:
+            self.metrics.add(src.name, "checksum_failures")
+            self._fail(src, "corrupt", exc)
+            return None
+
+    # ---- reads ---------------------------------------------------------------------------------
+    def get(self, key: BlockKey) -> tuple[bytes, str] | None:
+        """Verified raw bytes and the name of the tier that served them, or None (a miss)."""
+        for index, tier in enumerate(self.tiers):
+            if not tier.contains(key) and not getattr(tier, "shared", False):
+                continue
+            start = time.perf_counter()
+            record = tier.get(key)
+            if record is None:
+                continue
+            try:
+                raw = tier.codec.decode(key, record)
+            except CorruptBlockError as exc:
+                self.metrics.add(tier.name, "checksum_failures")
+                self._fail(tier, "corrupt", exc)
+                tier.delete(key)
+                self.on_change(key, self.where(key))
+                continue
+            self.metrics.observe(tier.name, "get", time.perf_counter() - start)
+            self.metrics.add(tier.name, "hits")
+            self.metrics.add(tier.name, "bytes_read", len(record))
+            if index > 0 and self.promote_on_hit:
+                if self._put_into(0, key, self.tiers[0].codec.encode(key, raw)):
+                    self.metrics.add(tier.name, "promotions")
+            return raw, tier.name
+        self.metrics.add("all", "misses")
+        self.on_change(key, self.where(key))
+        return None
+
+    def where(self, key: BlockKey) -> str | None:
+        for tier in self.tiers:
+            if tier.contains(key):
+                return tier.name
+        return None
+
+    def lookup_prefix(self, keys: Sequence[BlockKey]) -> int:
+        """Number of leading ``keys`` that some tier holds (a prefix needs every block)."""
+        count = 0
+        for key in keys:
+            if self.where(key) is None:
+                break
+            count += 1
+        return count
+
+    def protect(self, keys: Sequence[BlockKey]) -> None:
+        for tier in self.tiers:
+            with tier._lock:
+                tier.policy.protect(keys)
+
+    def unprotect(self, keys: Sequence[BlockKey]) -> None:
+        for tier in self.tiers:
+            with tier._lock:
+                tier.policy.unprotect(keys)
+
+    def usage(self) -> dict[str, dict[str, int]]:
+        return {t.name: {"blocks": len(t), "used_bytes": t.used_bytes, "capacity": t.capacity} for t in self.tiers}
+
+    def clear(self) -> None:
+        for tier in self.tiers:
+            for key in tier.keys():
+                tier.delete(key)
+                self.on_change(key, None)
+
+    def close(self) -> None:
+        for tier in self.tiers:
+            tier.close()
+
+    def _fail(self, tier: Tier, kind: str, exc: Exception) -> None:
+        self.metrics.add(tier.name, "errors")
+        if (tier.name, kind) not in self._logged:
+            self._logged.add((tier.name, kind))
+            log.warning("kvtier tier %s (%s): %s; treated as a miss (further %s errors counted, not logged)",
+                        tier.name, tier.kind, exc, kind)
+        else:
+            log.debug("kvtier tier %s (%s): %s", tier.name, tier.kind, exc)
