@@ -59,6 +59,10 @@ class Tier(ABC):
     def _discard(self, key: BlockKey) -> None:
         """Free the storage of ``key``; must not raise for a key that is already gone."""
 
+    def _footprint(self, size: int) -> int:
+        """Capacity taken by a record of ``size`` bytes; tiers that allocate in units (pages) round it up."""
+        return size
+
     def _scan(self) -> Iterator[tuple[BlockKey, int]]:
         """Existing (key, size) pairs found at start-up; tiers that survive restarts override this."""
         return iter(())
@@ -68,7 +72,8 @@ class Tier(ABC):
         """Adopt what the backend already holds (after a restart). Returns the number of blocks adopted."""
         with self._lock:
             count = 0
-            for key, size in self._scan():
+            for key, stored in self._scan():
+                size = self._footprint(stored)
                 if key in self._sizes:
                     continue
                 if self.capacity and self._used + size > self.capacity:
@@ -95,15 +100,22 @@ class Tier(ABC):
             return list(self._sizes)
 
     def put(self, key: BlockKey, record: bytes) -> list[Victim]:
-        size = len(record)
+        size = self._footprint(len(record))
         with self._lock:
             if self.capacity and size > self.capacity:
-                raise TierFullError(f"tier {self.name}: record of {size} bytes exceeds capacity {self.capacity}")
+                raise TierFullError(f"tier {self.name}: record of {len(record)} bytes (takes {size}) exceeds "
+                                    f"capacity {self.capacity}")
             old = self._sizes.get(key, 0)
             need = self._used - old + size - self.capacity if self.capacity else 0
             victims: list[Victim] = []
             if need > 0:
-                keys = self.policy.evict(need)
+                # ``need`` already counts the old bytes of ``key`` as freed: evicting ``key`` itself would
+                # count them twice (used > capacity) and hand back its stale record as a victim.
+                self.policy.protect([key])
+                try:
+                    keys = self.policy.evict(need)
+                finally:
+                    self.policy.unprotect([key])
                 if not keys:
                     raise TierFullError(f"tier {self.name}: no evictable room for {size} bytes")
                 victims = [self._take(k) for k in keys]

@@ -1,0 +1,211 @@
+"""DiskTier: one file per record under ``options.path``, fanned out by the first two hex digits of the key.
+
+Layout: ``<path>/<hex[:2]>/<hex>.kvb``. Writes go to ``.<hex>.<unique>.tmp`` in the same directory and are
+renamed over the final name with ``os.replace``, so a reader or a restart never sees half a record. With
+``fsync`` the file and its directory are flushed before the write returns. With ``o_direct`` the data is
+written with O_DIRECT from a page-aligned buffer (padded, then truncated to the record size); where the
+filesystem refuses O_DIRECT (tmpfs, some overlays) the tier warns once and writes through the page cache.
+
+``_scan`` rebuilds the index from the directory at start-up (oldest first, so LRU order survives a restart)
+and removes temp files left by a crash. Before each write the tier also checks the filesystem itself keeps a
+free margin, so other users of the disk can fill it without the tier pushing it to 100%.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import mmap
+import os
+import shutil
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+from kvtier.codecs import BlockCodec
+from kvtier.config import DiskOptions
+from kvtier.errors import TierError, TierFullError
+from kvtier.keys import KEY_SIZE, BlockKey
+from kvtier.policies.base import EvictionPolicy
+from kvtier.tiers.base import Tier
+
+log = logging.getLogger(__name__)
+
+SUFFIX = ".kvb"
+TMP_SUFFIX = ".tmp"
+FREE_MARGIN_BYTES = 256 * 1024 * 1024  # keep this much of the filesystem free ...
+FREE_MARGIN_FRACTION = 0.05  # ... or this fraction of it on small filesystems, whichever is smaller
+_ALIGN = 4096
+_HEX = frozenset("0123456789abcdef")
+
+
+class DiskTier(Tier):
+    kind = "disk"
+
+    def __init__(self, name: str, capacity: int, codec: BlockCodec, policy: EvictionPolicy,
+                 options: DiskOptions) -> None:
+        super().__init__(name, capacity, codec, policy)
+        self.options = options
+        self.root = Path(options.path)
+        self._direct = bool(options.o_direct) and hasattr(os, "O_DIRECT")
+        if options.o_direct and not self._direct:
+            log.warning("tier %s: O_DIRECT is not available on this platform; writing through the page cache", name)
+        self._buf: mmap.mmap | None = None
+        self._tmp_ids = itertools.count()
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise TierError(f"tier {name}: cannot create directory {self.root}: {exc}") from exc
+
+    # ---- paths ------------------------------------------------------------------------------------------
+    def path_of(self, key: BlockKey) -> Path:
+        hexkey = key.hex()
+        return self.root / hexkey[:2] / (hexkey + SUFFIX)
+
+    def _tmp_path(self, final: Path) -> Path:
+        unique = f"{os.getpid()}-{threading.get_ident()}-{next(self._tmp_ids)}"
+        return final.with_name(f".{final.stem}.{unique}{TMP_SUFFIX}")
+
+    # ---- storage primitives -----------------------------------------------------------------------------
+    def _write(self, key: BlockKey, record: bytes) -> None:
+        final = self.path_of(key)
+        self._check_free_space(len(record), final)
+        tmp = self._tmp_path(final)
+        try:
+            self._ensure_dir(final.parent)
+            self._write_file(tmp, memoryview(record).cast("B"))
+            os.replace(tmp, final)
+            if self.options.fsync:
+                _fsync_dir(final.parent)
+        except OSError as exc:
+            _unlink_quietly(tmp)
+            if exc.errno == errno.ENOSPC:
+                raise TierFullError(f"tier {self.name}: filesystem full writing {final}: {exc}") from exc
+            raise TierError(f"tier {self.name}: cannot write {final}: {exc}") from exc
+
+    def _read(self, key: BlockKey) -> bytes | None:
+        path = self.path_of(key)
+        try:
+            with open(path, "rb", buffering=0) as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise TierError(f"tier {self.name}: cannot read {path}: {exc}") from exc
+
+    def _discard(self, key: BlockKey) -> None:
+        path = self.path_of(key)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise TierError(f"tier {self.name}: cannot remove {path}: {exc}") from exc
+
+    def _scan(self) -> Iterator[tuple[BlockKey, int]]:
+        found: list[tuple[int, BlockKey, int]] = []
+        try:
+            subdirs = [d for d in os.scandir(self.root) if d.is_dir() and len(d.name) == 2 and set(d.name) <= _HEX]
+            for sub in subdirs:
+                for entry in os.scandir(sub.path):
+                    if entry.name.endswith(TMP_SUFFIX):
+                        _unlink_quietly(Path(entry.path))  # left by a crash mid-write
+                        continue
+                    key = _key_of(sub.name, entry.name)
+                    if key is not None and entry.is_file():
+                        st = entry.stat()
+                        found.append((st.st_mtime_ns, key, st.st_size))
+        except OSError as exc:
+            raise TierError(f"tier {self.name}: cannot scan {self.root}: {exc}") from exc
+        found.sort()
+        return iter([(key, size) for _, key, size in found])
+
+    def close(self) -> None:
+        with self._lock:
+            if self._buf is not None:
+                self._buf.close()
+                self._buf = None
+
+    # ---- helpers ----------------------------------------------------------------------------------------
+    def _check_free_space(self, size: int, final: Path) -> None:
+        try:
+            usage = shutil.disk_usage(self.root)
+        except OSError as exc:
+            raise TierError(f"tier {self.name}: cannot stat filesystem of {self.root}: {exc}") from exc
+        margin = min(FREE_MARGIN_BYTES, int(usage.total * FREE_MARGIN_FRACTION))
+        if usage.free - size < margin:
+            raise TierFullError(f"tier {self.name}: filesystem of {self.root} has {usage.free} bytes free; writing "
+                                f"{final} ({size} bytes) would leave less than the {margin}-byte margin")
+
+    def _ensure_dir(self, directory: Path) -> None:
+        directory.mkdir(exist_ok=True)  # one cheap syscall; also heals a fan-out dir removed behind our back
+
+    def _write_file(self, path: Path, data: memoryview) -> None:
+        if self._direct:
+            try:
+                self._write_direct(path, data)
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+                    raise
+                _unlink_quietly(path)
+                self._direct = False
+                log.warning("tier %s: filesystem of %s refuses O_DIRECT (%s); writing through the page cache",
+                            self.name, self.root, exc)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            _write_all(fd, data)
+            if self.options.fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _write_direct(self, path: Path, data: memoryview) -> None:
+        padded = -(-len(data) // _ALIGN) * _ALIGN
+        if self._buf is None or len(self._buf) < padded:
+            if self._buf is not None:
+                self._buf.close()
+            self._buf = mmap.mmap(-1, max(padded, _ALIGN))  # anonymous mmap: page-aligned
+        buf = memoryview(self._buf)
+        try:
+            buf[:len(data)] = data
+            buf[len(data):padded] = bytes(padded - len(data))
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_DIRECT, 0o644)
+            try:
+                _write_all(fd, buf[:padded])
+                os.ftruncate(fd, len(data))
+                if self.options.fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+        finally:
+            buf.release()
+
+
+def _key_of(subdir: str, filename: str) -> BlockKey | None:
+    stem = filename[:-len(SUFFIX)] if filename.endswith(SUFFIX) else ""
+    if len(stem) != 2 * KEY_SIZE or not set(stem) <= _HEX or not stem.startswith(subdir):
+        return None
+    return bytes.fromhex(stem)
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    done = 0
+    while done < len(data):
+        done += os.write(fd, data[done:])
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
