@@ -1,0 +1,205 @@
+"""S3Tier: block records as objects in an S3-compatible bucket (AWS S3, SeaweedFS, MinIO, ...).
+
+Object names carry hashes only: ``{prefix}/{hex[:2]}/{hex}`` where ``hex`` is the block key. Records are
+whole objects, so a reader sees one writer's complete record or none (S3 PUT is atomic per object), and the
+record's own checksum catches anything else. Credentials come from the tier config or the standard AWS chain
+(environment, shared files, instance roles); they are never logged, and reprs and errors name only the
+endpoint, bucket and prefix.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    HTTPClientError,
+    NoCredentialsError,
+    PartialCredentialsError,
+)
+from botocore.exceptions import ConnectionError as BotoConnectionError
+
+from kvtier.codecs import BlockCodec
+from kvtier.config import S3Options
+from kvtier.errors import TierError
+from kvtier.keys import BlockKey
+from kvtier.policies.base import EvictionPolicy
+from kvtier.tiers.shared import SharedTier, parse_hex_key, redact_url
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_MISSING_KEY = {"NoSuchKey", "404", "NotFound"}
+_MISSING_BUCKET = {"NoSuchBucket", "404", "NotFound"}
+_DENIED = {"403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden",
+           "InvalidToken", "ExpiredToken"}
+_CREDENTIAL_HINT = ("check the tier's 'access_key_id'/'secret_access_key' settings, or the AWS credential chain "
+                    "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, ~/.aws/credentials)")
+
+
+def _error_code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+def make_s3_client(options: S3Options) -> Any:
+    """A boto3 S3 client configured from the tier options (timeouts, retries, pool size, addressing)."""
+    config = Config(
+        connect_timeout=options.connect_timeout_s,
+        read_timeout=options.read_timeout_s,
+        retries={"mode": "standard", "total_max_attempts": max(1, options.retries + 1)},
+        max_pool_connections=max(1, options.max_concurrency),
+        s3={"addressing_style": options.addressing_style},
+        # Records carry their own checksum; skip the extra CRC the SDK would compute on every body.
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+    )
+    session = boto3.session.Session(
+        aws_access_key_id=options.access_key_id or None,
+        aws_secret_access_key=options.secret_access_key or None,
+        region_name=options.region or None,
+    )
+    return session.client("s3", endpoint_url=options.endpoint_url or None, config=config)
+
+
+class S3Tier(SharedTier):
+    kind = "s3"
+
+    def __init__(self, name: str, capacity: int, codec: BlockCodec, policy: EvictionPolicy,
+                 options: S3Options) -> None:
+        if not options.bucket:
+            raise TierError(f"tier {name!r} (s3): no bucket configured (set the tier's 'bucket')")
+        super().__init__(name, capacity, codec, policy, label=f"tier {name!r} (s3)",
+                         max_concurrency=options.max_concurrency)
+        self.options = options
+        self.bucket = options.bucket
+        self.prefix = options.prefix.strip("/")
+        self.endpoint = redact_url(options.endpoint_url)
+        try:
+            self._client = make_s3_client(options)
+        except (BotoCoreError, ValueError) as exc:
+            raise TierError(f"{self.label}: cannot configure the S3 client for {self.endpoint}: "
+                            f"{type(exc).__name__} (check 'endpoint_url', 'region', 'addressing_style')") from None
+        try:
+            self._check_bucket()
+        except TierError:
+            self._client.close()
+            raise
+
+    def __repr__(self) -> str:
+        return (f"S3Tier(name={self.name!r}, endpoint={self.endpoint!r}, bucket={self.bucket!r}, "
+                f"prefix={self.prefix!r}, capacity={self.capacity})")
+
+    def object_name(self, key: BlockKey) -> str:
+        hexkey = key.hex()
+        return f"{self.prefix}/{hexkey[:2]}/{hexkey}" if self.prefix else f"{hexkey[:2]}/{hexkey}"
+
+    # ---- start-up ---------------------------------------------------------------------------------
+    def _check_bucket(self) -> None:
+        where = f"bucket {self.bucket!r} at {self.endpoint}"
+        try:
+            self._client.head_bucket(Bucket=self.bucket)
+            return
+        except ClientError as exc:
+            code = _error_code(exc)
+            if code in _DENIED:
+                raise TierError(f"{self.label}: access denied to {where} ({code}): {_CREDENTIAL_HINT}") from None
+            if code not in _MISSING_BUCKET:
+                raise TierError(f"{self.label}: cannot use {where}: {code} "
+                                "(check 'bucket', 'region', 'endpoint_url')") from None
+        except (NoCredentialsError, PartialCredentialsError):
+            raise TierError(f"{self.label}: no usable S3 credentials for {where}: {_CREDENTIAL_HINT}") from None
+        except (BotoConnectionError, HTTPClientError) as exc:
+            raise TierError(f"{self.label}: cannot reach S3 endpoint {self.endpoint} ({type(exc).__name__}; "
+                            "check 'endpoint_url' and that the server is running)") from None
+        except BotoCoreError as exc:
+            raise TierError(f"{self.label}: cannot use {where}: {type(exc).__name__} "
+                            "(check 'endpoint_url', 'region')") from None
+        if not self.options.create_bucket:
+            raise TierError(f"{self.label}: bucket {self.bucket!r} does not exist at {self.endpoint} "
+                            "(check the tier's 'bucket' setting, or set 'create_bucket: true')")
+        self._create_bucket(where)
+
+    def _create_bucket(self, where: str) -> None:
+        kwargs: dict[str, Any] = {"Bucket": self.bucket}
+        if self.options.region and self.options.region != "us-east-1":
+            kwargs["CreateBucketConfiguration"] = {"LocationConstraint": self.options.region}
+        try:
+            self._client.create_bucket(**kwargs)
+            log.info("%s: created %s", self.label, where)
+        except ClientError as exc:
+            code = _error_code(exc)
+            if code in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                return  # another instance created it first
+            hint = _CREDENTIAL_HINT if code in _DENIED else "check 'bucket' (3-63 lowercase letters, digits, '-')"
+            raise TierError(f"{self.label}: cannot create {where} ({code}): {hint} (create_bucket)") from None
+        except BotoCoreError as exc:
+            raise TierError(f"{self.label}: cannot create {where}: {type(exc).__name__}") from None
+
+    # ---- the boundary: every backend call goes through here -----------------------------------------
+    def _call(self, op: str, fn: Callable[[], T]) -> T:
+        self.breaker.check()
+        try:
+            result = fn()
+        except ClientError as exc:
+            self.breaker.record_success()  # the server answered
+            raise TierError(f"{self.label}: {op} failed: {_error_code(exc)}") from None
+        except (BotoConnectionError, HTTPClientError) as exc:
+            self.breaker.record_failure(f"{type(exc).__name__} talking to {self.endpoint}")
+            raise TierError(f"{self.label}: {op} failed: {type(exc).__name__} ({self.endpoint})") from None
+        except (NoCredentialsError, PartialCredentialsError):
+            raise TierError(f"{self.label}: {op} failed: no usable credentials; {_CREDENTIAL_HINT}") from None
+        except BotoCoreError as exc:
+            raise TierError(f"{self.label}: {op} failed: {type(exc).__name__}") from None
+        self.breaker.record_success()
+        return result
+
+    # ---- storage primitives ---------------------------------------------------------------------------
+    def _write(self, key: BlockKey, record: bytes) -> None:
+        name = self.object_name(key)
+        self._call("put", lambda: self._client.put_object(Bucket=self.bucket, Key=name, Body=record))
+
+    def _read(self, key: BlockKey) -> bytes | None:
+        name = self.object_name(key)
+
+        def fetch() -> bytes | None:
+            try:
+                response = self._client.get_object(Bucket=self.bucket, Key=name)
+            except ClientError as exc:
+                if _error_code(exc) in _MISSING_KEY:
+                    return None
+                raise
+            body = response["Body"].read()
+            expected = response.get("ContentLength")
+            if expected is not None and len(body) != expected:
+                raise TierError(f"{self.label}: short read of {name}: {len(body)} of {expected} bytes")
+            return body
+
+        return self._call("get", fetch)
+
+    def _discard(self, key: BlockKey) -> None:
+        name = self.object_name(key)
+        self._call("delete", lambda: self._client.delete_object(Bucket=self.bucket, Key=name))
+
+    def _list(self) -> Iterator[tuple[BlockKey, int]]:
+        prefix = f"{self.prefix}/" if self.prefix else ""
+        request: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix, "MaxKeys": 1000}
+        while True:
+            page = self._call("list", lambda: self._client.list_objects_v2(**request))
+            for item in page.get("Contents", ()):
+                rest = str(item["Key"])[len(prefix):]
+                key = parse_hex_key(rest.rpartition("/")[2])
+                if key is not None and rest == f"{key.hex()[:2]}/{key.hex()}":
+                    yield key, int(item["Size"])
+            token = page.get("NextContinuationToken")
+            if not page.get("IsTruncated") or not token:
+                return
+            request["ContinuationToken"] = token
+
+    def close(self) -> None:
+        super().close()
+        self._client.close()
