@@ -42,7 +42,7 @@ class PolicyConfig:
 @dataclass(frozen=True)
 class DramOptions:
     pin_memory: Literal["auto", "always", "never"] = "auto"
-    page_size: Size = Size(256 * 1024)
+    page_size: Size = Size(64 * 1024)
 
 
 @dataclass(frozen=True)

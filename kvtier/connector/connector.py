@@ -34,7 +34,9 @@ if TYPE_CHECKING:
     from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
-log = logging.getLogger("kvtier")
+from kvtier.logs import setup_logging
+
+log = setup_logging()
 
 
 def load_config(extra: dict[str, Any] | None) -> KVTierConfig:
@@ -75,6 +77,10 @@ class KVTierConnector(KVConnectorBase_V1):
 
             num_blocks = kv_cache_config.num_blocks if kv_cache_config is not None else None
             self._worker = WorkerSide(self.cfg, num_blocks)
+
+    @property
+    def requires_kv_delivery(self) -> bool:
+        return False  # a best-effort cache: a dropped save is only a future miss
 
     # ---- worker side -----------------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:

@@ -1,0 +1,28 @@
+"""Helpers for e2e tests: build the tiny model once, run the driver in a fresh process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+DRIVER = Path(__file__).with_name("driver.py")
+
+
+def run_driver(spec: dict, hash_seed: str = "0", timeout: int = 900) -> dict:
+    env = dict(os.environ, PYTHONHASHSEED=hash_seed, VLLM_CPU_OMP_THREADS_BIND="0-1", VLLM_CPU_KVCACHE_SPACE="1")
+    proc = subprocess.run([sys.executable, str(DRIVER), json.dumps(spec)], env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    for line in proc.stdout.splitlines():
+        if line.startswith("E2E-RESULT "):
+            result = json.loads(line[len("E2E-RESULT "):])
+            result["log"] = proc.stderr[-20000:]
+            return result
+    raise AssertionError(f"driver failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-8000:]}")
+
+
+def full_blocks(prompt_len: int, block_size: int = 128) -> int:
+    """Tokens kvtier can serve for a prompt: whole blocks, leaving the last token to compute."""
+    return (prompt_len - 1) // block_size * block_size
