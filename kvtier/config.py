@@ -21,6 +21,7 @@ from kvtier.errors import ConfigError
 from kvtier.units import parse_size
 
 Size = typing.NewType("Size", int)
+SECRET_KEYS = ("secret_access_key", "password")
 ENV_PREFIX = "KVTIER_"
 
 
@@ -60,7 +61,7 @@ class S3Options:
     region: str | None = None
     addressing_style: Literal["auto", "path", "virtual"] = "auto"
     access_key_id: str | None = None
-    secret_access_key: str | None = None
+    secret_access_key: str | None = field(default=None, repr=False)
     max_concurrency: int = 16
     connect_timeout_s: float = 2.0
     read_timeout_s: float = 10.0
@@ -71,7 +72,7 @@ class S3Options:
 @dataclass(frozen=True)
 class RedisOptions:
     url: str = "redis://127.0.0.1:6379/0"
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)
     tls: bool = False
     tls_ca_file: str | None = None
     key_prefix: str = "kvtier"
@@ -150,8 +151,14 @@ class KVTierConfig:
         except ConfigError as exc:
             raise ConfigError(f"{source}: {exc}" if source else str(exc)) from None
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    def to_dict(self, redact: bool = True) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        if redact:
+            for tier in data["tiers"]:
+                for secret in SECRET_KEYS:
+                    if tier["options"].get(secret):
+                        tier["options"][secret] = "***"
+        return data
 
 
 def default_config() -> KVTierConfig:

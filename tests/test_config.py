@@ -78,3 +78,15 @@ def test_validate_reports_unknown_policy(tmp_path: Path, capsys: pytest.CaptureF
     f.write_text("tiers:\n  - {kind: dram, capacity: 1GiB, policy: clock}\n")
     assert cli_main(["validate", str(f)]) == 2
     assert "unknown policy 'clock'" in capsys.readouterr().err
+
+
+def test_secrets_never_appear_in_reprs_or_dumps(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    f = tmp_path / "s3.yaml"
+    f.write_text("tiers:\n  - {kind: s3, capacity: 0, bucket: b, access_key_id: AKID, secret_access_key: TOPSECRET}\n"
+                 "  - {kind: redis, capacity: 0, password: HUNTER2}\n")
+    cfg = KVTierConfig.from_yaml(f)
+    assert "TOPSECRET" not in repr(cfg) and "HUNTER2" not in repr(cfg)
+    assert cli_main(["validate", str(f), "--json"]) == 0
+    out = capsys.readouterr().out
+    assert "TOPSECRET" not in out and "HUNTER2" not in out and "***" in out
+    assert cfg.tiers[0].options.secret_access_key == "TOPSECRET"  # type: ignore[union-attr]
