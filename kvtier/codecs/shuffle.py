@@ -9,15 +9,21 @@ from __future__ import annotations
 import numpy as np
 
 
-def shuffle16(data: bytes | memoryview) -> bytes:
+def shuffle16(data: bytes | memoryview) -> memoryview:
     arr = np.frombuffer(data, dtype=np.uint8)
-    even = len(arr) - (len(arr) % 2)
-    planes = arr[:even].reshape(-1, 2).T.tobytes()
-    return planes + arr[even:].tobytes()
+    half, even = len(arr) // 2, len(arr) - len(arr) % 2
+    out = np.empty_like(arr)
+    out[:half] = arr[0:even:2]
+    out[half:even] = arr[1:even:2]
+    out[even:] = arr[even:]
+    return memoryview(out)
 
 
 def unshuffle16(data: bytes | memoryview) -> bytes:
     arr = np.frombuffer(data, dtype=np.uint8)
-    even = len(arr) - (len(arr) % 2)
-    pairs = arr[:even].reshape(2, -1).T.tobytes()
-    return pairs + arr[even:].tobytes()
+    half, even = len(arr) // 2, len(arr) - len(arr) % 2
+    out = np.empty_like(arr)
+    out[0:even:2] = arr[:half]
+    out[1:even:2] = arr[half:even]
+    out[even:] = arr[even:]
+    return out.tobytes()
