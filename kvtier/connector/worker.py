@@ -34,7 +34,10 @@ class WorkerSide:
         self._events_lock = threading.Lock()
         self.stack = TierStack.from_config(cfg, on_change=self._on_change)
         self.layout: KVLayout | None = None
-        self.pool = ThreadPoolExecutor(max(1, cfg.connector.transfer_threads), thread_name_prefix="kvtier-xfer")
+        threads = max(1, cfg.connector.transfer_threads)
+        # Separate pools: a load (on the request's critical path) never queues behind background saves.
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="kvtier-save")
+        self.load_pool = ThreadPoolExecutor(threads, thread_name_prefix="kvtier-load")
         self._saves: list[Future[None]] = []
         self._async_loads: dict[str, Future[set[int]]] = {}
         self._load_errors: set[int] = set()
@@ -43,6 +46,11 @@ class WorkerSide:
         self._counters_lock = threading.Lock()
         with self._events_lock:  # everything restored from a previous run is news to the scheduler
             self._events.extend((key, tier.name) for tier in reversed(self.stack.tiers) for key in tier.keys())
+        self.exporter = None
+        if cfg.metrics.prometheus_port is not None:  # standalone /metrics on 127.0.0.1 (kvtier/prom.py)
+            from kvtier.prom import start_exporter
+
+            self.exporter = start_exporter(cfg.metrics.prometheus_port, self.stack, lambda: dict(self._counters))
 
     def _on_change(self, key: bytes, tier: str | None) -> None:
         with self._events_lock:
@@ -64,7 +72,7 @@ class WorkerSide:
             self.stack.clear()
         for spec in meta.loads:
             if spec.is_async:
-                self._async_loads[spec.req_id] = self.pool.submit(self._load, spec)
+                self._async_loads[spec.req_id] = self.load_pool.submit(self._load, spec)
             else:
                 self._load_errors |= self._load(spec, parallel=True)
 
@@ -72,7 +80,7 @@ class WorkerSide:
         """Load one request's blocks; returns the block ids that failed (from the first failure on)."""
         assert self.layout is not None, "register_kv_caches was not called"
         start = time.perf_counter()
-        fetched = list(self.pool.map(self._fetch, spec.keys)) if parallel else [self._fetch(k) for k in spec.keys]
+        fetched = list(self.load_pool.map(self._fetch, spec.keys)) if parallel else [self._fetch(k) for k in spec.keys]
         good = 0
         while good < len(fetched) and fetched[good] is not None:
             good += 1
@@ -173,4 +181,5 @@ class WorkerSide:
     def shutdown(self) -> None:
         self.drain(self.cfg.connector.save_timeout_s)
         self.pool.shutdown(wait=True)
+        self.load_pool.shutdown(wait=True)
         self.stack.close()

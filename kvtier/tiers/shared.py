@@ -76,6 +76,7 @@ class SharedTier(Tier):
     """Base of shared network tiers; subclasses implement _write/_read/_discard and ``_list``."""
 
     kind = "shared"
+    shared = True  # TierStack.get asks the backend even for keys this instance has not seen
 
     def __init__(self, name: str, capacity: int, codec: BlockCodec, policy: EvictionPolicy,
                  label: str, max_concurrency: int) -> None:
