@@ -101,7 +101,6 @@ class TierConfig:
 class ConnectorConfig:
     save_decode_blocks: bool = False
     async_load: bool = False
-    layerwise_load: bool = False
     transfer_threads: int = 2
     min_hit_blocks: int = 1
     save_timeout_s: float = 60.0
