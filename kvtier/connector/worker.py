@@ -9,7 +9,9 @@ the failed block ids go to ``get_block_ids_with_load_errors`` so vLLM recomputes
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -44,6 +46,7 @@ class WorkerSide:
         self._counters: dict[str, float] = {}
         self._reported: dict[str, float] = {}
         self._counters_lock = threading.Lock()
+        self._stats_file = os.environ.get("KVTIER_STATS_FILE")  # benchmarks read the counters from here
         with self._events_lock:  # everything restored from a previous run is news to the scheduler
             self._events.extend((key, tier.name) for tier in reversed(self.stack.tiers) for key in tier.keys())
         self.exporter = None
@@ -166,7 +169,25 @@ class WorkerSide:
                 now[f"{tier}.{name}"] = value
         delta = stats_delta(now, self._reported)
         self._reported = now
+        if delta or not os.path.exists(self._stats_file or "."):
+            self.write_stats_file()
         return delta or None
+
+    def write_stats_file(self) -> None:
+        """If $KVTIER_STATS_FILE is set, write the cumulative counters there as JSON (atomically)."""
+        if not self._stats_file:
+            return
+        with self._counters_lock:
+            data = {"counters": dict(self._counters), "tiers": self.stack.metrics.snapshot(),
+                    "usage": self.stack.usage()}
+        tmp = f"{self._stats_file}.{os.getpid()}.tmp"
+        try:
+            with open(tmp, "w") as f:
+                json.dump(data, f)
+            os.replace(tmp, self._stats_file)
+        except OSError as exc:
+            log.warning("kvtier: cannot write stats to %s: %s", self._stats_file, exc)
+            self._stats_file = None
 
     def drain(self, timeout: float | None = None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
