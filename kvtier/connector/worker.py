@@ -203,4 +203,5 @@ class WorkerSide:
         self.drain(self.cfg.connector.save_timeout_s)
         self.pool.shutdown(wait=True)
         self.load_pool.shutdown(wait=True)
+        self.write_stats_file()
         self.stack.close()
