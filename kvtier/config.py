@@ -23,6 +23,8 @@ from kvtier.units import parse_size
 Size = typing.NewType("Size", int)
 SECRET_KEYS = ("secret_access_key", "password")
 ENV_PREFIX = "KVTIER_"
+# KVTIER_* variables read as themselves, not as config overrides (KVTIER_STATS_FILE: see connector/worker.py).
+NOT_OVERRIDES = ("KVTIER_CONFIG", "KVTIER_HOME", "KVTIER_LOG_LEVEL", "KVTIER_STATS_FILE")
 
 
 @dataclass(frozen=True)
@@ -174,7 +176,7 @@ def apply_env_overrides(data: Mapping[str, Any], env: Mapping[str, str]) -> dict
     """``KVTIER_TIERS__1__CAPACITY=8GiB`` sets ``tiers[1].capacity``; values are parsed as YAML scalars."""
     result: dict[str, Any] = _deep_copy(data)
     for name, raw in sorted(env.items()):
-        if not name.startswith(ENV_PREFIX) or name in ("KVTIER_CONFIG", "KVTIER_HOME", "KVTIER_LOG_LEVEL"):
+        if not name.startswith(ENV_PREFIX) or name in NOT_OVERRIDES:
             continue
         parts = [p.lower() for p in name[len(ENV_PREFIX):].split("__")]
         try:
