@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ class _ReqState:
     pending_load: tuple[int, int] | None = None  # (first block, end block) from get_num_new_matched_tokens
     next_save_block: int = 0
     hit_tiers: dict[str, int] = field(default_factory=dict)
+    saves_planned: int = 0
 
 
 class SchedulerSide:
@@ -144,6 +146,11 @@ class SchedulerSide:
                 continue
             self.pending_saves.add(key)
             meta.saves.append((key, state.block_ids[b]))
+            if b == 0:  # sink and prefix links, for attention-aware policies
+                meta.sinks.append(key)
+            else:
+                meta.links.append((key, keys[b - 1]))
+            state.saves_planned += 1
         state.next_save_block = full
 
     # ---- feedback from workers ---------------------------------------------------------------------
@@ -158,7 +165,12 @@ class SchedulerSide:
                 self.index[key] = tier
 
     def request_finished(self, request: Request) -> None:
-        self._reqs.pop(request.request_id, None)
+        state = self._reqs.pop(request.request_id, None)
+        if state is not None and log.isEnabledFor(logging.DEBUG):
+            log.debug("request %s: %s", request.request_id, json.dumps({
+                "prompt_tokens": request.num_prompt_tokens, "output_tokens": request.num_output_tokens,
+                "hit_tokens_by_tier": state.hit_tiers, "blocks_saved": state.saves_planned,
+                "index_blocks": len(self.index)}))
 
     def reset_cache(self) -> bool:
         self.index.clear()

@@ -1,0 +1,97 @@
+"""SchedulerSide logic on plain objects shaped like vLLM's (the e2e tests drive the real engine)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from kvtier.config import KVTierConfig
+from kvtier.connector.metadata import KVTierWorkerMeta
+from kvtier.connector.scheduler import SchedulerSide
+from kvtier.keys import ModelFingerprint, block_keys
+
+BS = 4
+FP = ModelFingerprint(model="m", block_size=BS)
+
+
+def side(tmp_path, **connector) -> SchedulerSide:  # type: ignore[no-untyped-def]
+    cfg = KVTierConfig.from_dict({"tiers": [{"kind": "dram", "capacity": "1MiB"},
+                                            {"kind": "disk", "capacity": "1MiB", "path": str(tmp_path)}],
+                                  "connector": connector}, env={})
+    return SchedulerSide(cfg, FP, BS)
+
+
+def request(rid: str, tokens: list[int], prompt_len: int | None = None) -> SimpleNamespace:
+    return SimpleNamespace(request_id=rid, all_token_ids=tokens, num_tokens=len(tokens),
+                           num_prompt_tokens=prompt_len or len(tokens), num_output_tokens=0, cache_salt=None,
+                           mm_features=None)
+
+
+def blocks(ids: list[int]) -> SimpleNamespace:
+    return SimpleNamespace(get_block_ids=lambda: (ids,))
+
+
+def sched_output(new=(), cached_ids=(), cached_computed=(), scheduled=None):  # type: ignore[no-untyped-def]
+    cached = SimpleNamespace(req_ids=list(cached_ids), resumed_req_ids=set(), new_block_ids=[None] * len(cached_ids),
+                             num_computed_tokens=list(cached_computed))
+    return SimpleNamespace(scheduled_new_reqs=list(new), scheduled_cached_reqs=cached, num_scheduled_tokens=scheduled)
+
+
+def stored(s: SchedulerSide, keys: list[bytes], tier: str = "dram") -> None:
+    s.update_connector_output(KVTierWorkerMeta([(k, tier) for k in keys]))
+
+
+def test_hit_stops_at_first_gap_and_leaves_last_token(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    s = side(tmp_path)
+    tokens = list(range(17))  # 4 full blocks + 1
+    keys = block_keys(FP, tokens, BS)
+    stored(s, keys)
+    assert s.get_num_new_matched_tokens(request("a", tokens), 0) == (16, False)
+    tokens16 = tokens[:16]  # exactly 4 blocks: the last token must be computed, so 3 blocks at most
+    assert s.get_num_new_matched_tokens(request("b", tokens16), 0) == (12, False)
+    s.update_connector_output(KVTierWorkerMeta([(keys[1], None)]))  # block 1 was dropped
+    assert s.get_num_new_matched_tokens(request("c", tokens), 0) == (4, False)  # only block 0 before the gap
+    assert s.get_num_new_matched_tokens(request("d", tokens), 8) == (0, False)  # vLLM already has more
+
+
+def test_load_plan_targets_blocks_past_local_hit(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    s = side(tmp_path, async_load=True)
+    tokens = list(range(17))
+    keys = block_keys(FP, tokens, BS)
+    stored(s, keys, tier="disk")
+    req = request("a", tokens)
+    assert s.get_num_new_matched_tokens(req, 4) == (12, True)
+    s.update_state_after_alloc(req, blocks([10, 11, 12, 13, 14]), 12)
+    meta = s.build_connector_meta(sched_output())
+    assert [(l.keys, l.block_ids, l.is_async) for l in meta.loads] == [(keys[1:4], [11, 12, 13], True)]
+    assert s.hit_sources(req) == {"disk": 12}
+    assert s.build_connector_meta(sched_output()).loads == []  # a plan is sent once
+
+
+def test_saves_are_planned_once_and_skip_stored_blocks(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    s = side(tmp_path)
+    tokens = list(range(13))
+    keys = block_keys(FP, tokens, BS)
+    stored(s, keys[:1])
+    req = request("a", tokens)
+    s.get_num_new_matched_tokens(req, 0)
+    new = SimpleNamespace(req_id="a", block_ids=([5, 6, 7, 8],), num_computed_tokens=0)
+    meta = s.build_connector_meta(sched_output(new=[new], scheduled={"a": 13}))
+    assert meta.saves == [(keys[1], 6), (keys[2], 7)]  # block 0 is already stored
+    again = s.build_connector_meta(sched_output(cached_ids=["a"], cached_computed=[13], scheduled={"a": 1}))
+    assert again.saves == []  # decode blocks are not saved by default; nothing twice
+    s.update_connector_output(KVTierWorkerMeta([(keys[1], "dram"), (keys[2], None)]))
+    assert keys[1] in s.index and keys[2] not in s.index and not s.pending_saves
+
+
+def test_reset_clears_index_and_tells_the_worker(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    s = side(tmp_path)
+    stored(s, block_keys(FP, list(range(8)), BS))
+    assert s.reset_cache() is True
+    assert not s.index and s.build_connector_meta(sched_output()).clear_store
+
+
+def test_disk_blocks_from_a_previous_run_are_known_at_start(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    key = block_keys(FP, list(range(4)), BS)[0]
+    (tmp_path / key.hex()[:2]).mkdir()
+    (tmp_path / key.hex()[:2] / f"{key.hex()}.kvb").write_bytes(b"x")
+    assert side(tmp_path).index == {key: "disk"}
