@@ -62,7 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # argparse's REMAINDER does not take a leading option ("kvtier bench --preset small"): pass those on.
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "rest"):
+        args.rest = extra + args.rest
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args.func(args))
     except KVTierError as exc:
