@@ -88,3 +88,13 @@ def test_corrupted_disk_blocks_are_recomputed(model: str, baseline: dict, disk_d
     assert result["corrupted_files"] > 0
     assert outputs(result) == outputs(baseline)
     assert "failed to load" in result["log"]
+
+
+def test_async_load_gives_identical_tokens(model: str, baseline: dict, tmp_path: Path) -> None:
+    # With async_load the request waits (WAITING_FOR_REMOTE_KVS) while blocks load between steps.
+    config = {**kvtier_config("256MiB", tmp_path / "disk"), "connector": {"async_load": True}}
+    result = run_driver({"model": model, "kvtier": config, **SCRIPT})
+    assert outputs(result) == outputs(baseline)
+    assert outputs(result, "repeat_output") == outputs(baseline, "repeat_output")
+    for turn in result["turns"]:
+        assert turn["repeat_cached"] == full_blocks(turn["prompt_len"]), turn
