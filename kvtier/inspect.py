@@ -28,7 +28,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from kvtier.codecs import ALL_DECODERS, HEADER_SIZE, read_header
 from kvtier.codecs.record import FLAG_SHUFFLE
@@ -75,16 +75,6 @@ def _described(entry: Entry, head: bytes | None) -> Entry:
         except CorruptBlockError:
             pass
     return entry
-
-
-class Store(Protocol):
-    label: str
-    kind: str
-    age_basis: str
-
-    def entries(self) -> Iterator[Entry]: ...
-
-    def delete(self, entries: Sequence[Entry]) -> None: ...
 
 
 # ---- disk -----------------------------------------------------------------------------------------------------
@@ -146,25 +136,28 @@ class S3Store:
     def _listing(self) -> Iterator[dict[str, Any]]:
         request: dict[str, Any] = {"Bucket": self.bucket, "Prefix": self.prefix, "MaxKeys": 1000}
         while True:
-            page = self._call("list", lambda: self.client.list_objects_v2(**request))
+            page = self._call("list", self.client.list_objects_v2, **request)
             yield from page.get("Contents", ())
             token = page.get("NextContinuationToken")
             if not page.get("IsTruncated") or not token:
                 return
             request["ContinuationToken"] = token
 
-    def _call(self, op: str, fn: Any) -> Any:
+    def _call(self, op: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        from botocore.exceptions import BotoCoreError, ClientError
+
         try:
-            return fn()
-        except Exception as exc:  # botocore's errors: name the operation and the bucket, never credentials
+            return fn(*args, **kwargs)
+        except (BotoCoreError, ClientError) as exc:  # the label names endpoint and bucket, never credentials
             raise TierError(f"{self.label}: {op} failed: {type(exc).__name__}: {exc}") from None
 
     def _head(self, item: dict[str, Any]) -> bytes | None:
         try:
-            response = self.client.get_object(Bucket=self.bucket, Key=item["Key"], Range=f"bytes=0-{HEADER_SIZE - 1}")
+            response = self._call("get", self.client.get_object, Bucket=self.bucket, Key=item["Key"],
+                                  Range=f"bytes=0-{HEADER_SIZE - 1}")
             return bytes(response["Body"].read())
-        except Exception:  # noqa: BLE001 - an unreadable object is reported as corrupt
-            return None
+        except TierError:
+            return None  # an unreadable object is reported as corrupt
 
     def entries(self) -> Iterator[Entry]:
         now = time.time()
@@ -185,7 +178,7 @@ class S3Store:
         names = [e.name for e in entries]
         for start in range(0, len(names), 1000):
             batch = {"Objects": [{"Key": n} for n in names[start:start + 1000]], "Quiet": True}
-            result = self._call("delete", lambda: self.client.delete_objects(Bucket=self.bucket, Delete=batch))
+            result = self._call("delete", self.client.delete_objects, Bucket=self.bucket, Delete=batch)
             if result.get("Errors"):
                 first = result["Errors"][0]
                 raise TierError(f"{self.label}: {len(result['Errors'])} deletes failed, first: "
@@ -207,14 +200,16 @@ class RedisStore:
         self.label = f"redis {redact_url(options.url)} {self.pattern}"
         self.client = make_redis_client(options)
 
-    def _call(self, op: str, fn: Any) -> Any:
+    def _call(self, op: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        from redis.exceptions import RedisError
+
         try:
-            return fn()
-        except Exception as exc:  # redis-py errors and OSError: the URL is redacted in the label
+            return fn(*args, **kwargs)
+        except (RedisError, OSError, TierError) as exc:  # the label shows the URL without credentials
             raise TierError(f"{self.label}: {op} failed: {type(exc).__name__}: {exc}") from None
 
     def entries(self) -> Iterator[Entry]:
-        names = self._call("scan", lambda: list(self.client.scan_iter(match=self.pattern, count=1000)))
+        names = self._call("scan", list, self.client.scan_iter(match=self.pattern, count=1000))
         for start in range(0, len(names), 500):
             chunk = names[start:start + 500]
             pipe = self.client.pipeline(transaction=False)
@@ -222,7 +217,7 @@ class RedisStore:
                 pipe.object("idletime", name)
                 pipe.strlen(name)
                 pipe.getrange(name, 0, HEADER_SIZE - 1)
-            replies = self._call("read", lambda: pipe.execute(raise_on_error=False))
+            replies = self._call("read", pipe.execute, raise_on_error=False)
             for i, raw_name in enumerate(chunk):
                 idle, size, head = replies[3 * i:3 * i + 3]
                 name = bytes(raw_name).decode(errors="replace")
@@ -242,10 +237,13 @@ class RedisStore:
         for namespace, group in by_namespace.items():
             for start in range(0, len(group), 500):
                 chunk = group[start:start + 500]
-                self._call("delete", lambda: self.client.delete(*[e.name for e in chunk]))
+                self._call("delete", self.client.delete, *[e.name for e in chunk])
                 keys = [bytes.fromhex(e.name.rpartition(":b:")[2]) for e in chunk]
                 # Drop them from the shared index too, if that namespace keeps one (a no-op otherwise).
-                self._call("index update", lambda: RedisPrefixIndex(self.client, namespace).remove(keys))
+                self._call("index update", RedisPrefixIndex(self.client, namespace).remove, keys)
+
+
+Store = DiskStore | S3Store | RedisStore  # each has label, kind, age_basis, entries() and delete(entries)
 
 
 # ---- reports --------------------------------------------------------------------------------------------------
@@ -341,22 +339,15 @@ def print_summary(report: dict[str, Any]) -> None:
 
 # ---- command line ---------------------------------------------------------------------------------------------
 
-def _s3_options(url: str, endpoint: str | None, region: str | None) -> tuple[S3Options, str]:
-    rest = url[len("s3://"):] if url.startswith("s3://") else url
-    bucket, _, prefix = rest.partition("/")
-    if len(bucket) < 3:
-        raise ConfigError(f"--s3: expected s3://BUCKET[/PREFIX], got {url!r}")
-    options = S3Options(bucket=bucket, prefix="", endpoint_url=endpoint, region=region or "us-east-1",
-                        addressing_style="path" if endpoint else "auto")
-    return options, prefix
-
-
 def open_stores(args: argparse.Namespace) -> list[Store]:
     if args.disk:
         return [DiskStore(args.disk)]
     if args.s3:
-        options, prefix = _s3_options(args.s3, args.endpoint, args.region)
-        return [S3Store(options, prefix)]
+        bucket, _, prefix = args.s3.removeprefix("s3://").partition("/")
+        if len(bucket) < 3:
+            raise ConfigError(f"--s3: expected s3://BUCKET[/PREFIX], got {args.s3!r}")
+        return [S3Store(S3Options(bucket=bucket, prefix="", endpoint_url=args.endpoint, region=args.region or
+                                  "us-east-1", addressing_style="path" if args.endpoint else "auto"), prefix)]
     if args.redis:
         return [RedisStore(RedisOptions(url=args.redis, key_prefix=args.prefix), exact=False)]
     cfg = KVTierConfig.from_yaml(args.config)

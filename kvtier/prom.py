@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
@@ -155,7 +155,7 @@ class KVTierPromMetrics(KVConnectorPromMetrics):
             self._tiered[metric] = tiered
         self._gauges: dict[str, Any] = {
             metric: self._gauge_cls(name=metric, documentation=doc, labelnames=names + ["tier"],
-                                    multiprocess_mode="mostrecent")
+                                    multiprocess_mode="mostrecent")  # type: ignore[call-arg]
             for metric, doc in USAGE_GAUGES.values()
         }
 

@@ -43,11 +43,11 @@ def key(model: int, i: int) -> bytes:
     return bytes([model]) * 8 + i.to_bytes(8, "little")
 
 
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, Any]:
-    """Run `kvtier inspect|gc ARGS`; return its exit code and its parsed --json output (or the text)."""
-    code = inspect_main(list(argv))
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> Any:
+    """Run `kvtier inspect|gc ARGS`; return its parsed --json output (or the text)."""
+    assert inspect_main(list(argv)) == 0
     out = capsys.readouterr().out
-    return code, json.loads(out) if "--json" in argv and code == 0 else out
+    return json.loads(out) if "--json" in argv else out
 
 
 def fill_disk(root: Path) -> dict[str, list[bytes]]:
@@ -83,8 +83,8 @@ def test_inspect_disk_reports_blocks_codecs_layouts_and_ages(tmp_path: Path,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
     root = tmp_path / "disk"
     fill_disk(root)
-    code, report = run(capsys, "inspect", "--disk", str(root), "--json")
-    assert code == 0 and report["command"] == "inspect"
+    report = run(capsys, "inspect", "--disk", str(root), "--json")
+    assert report["command"] == "inspect"
     [src] = report["sources"]
     # 12 good records; the corrupt one is counted apart; the temp file is not a record.
     assert (src["blocks"], src["corrupt_blocks"]) == (12, 1)
@@ -98,8 +98,8 @@ def test_inspect_disk_reports_blocks_codecs_layouts_and_ages(tmp_path: Path,
     assert 10 * DAY < src["oldest_age_s"] < 10 * DAY + 60 and 55 < src["newest_age_s"] < 120
     assert src["age_basis"] == "written" and "fingerprint" in src["note"]
     # The text form says the same in a line per group.
-    code, text = run(capsys, "inspect", "--disk", str(root))
-    assert code == 0 and "12 blocks" in text and "1 corrupt" in text and "lz4+shuffle" in text
+    text = run(capsys, "inspect", "--disk", str(root))
+    assert "12 blocks" in text and "1 corrupt" in text and "lz4+shuffle" in text
 
 
 def test_gc_disk_by_age_then_size_oldest_first(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -107,11 +107,11 @@ def test_gc_disk_by_age_then_size_oldest_first(tmp_path: Path, capsys: pytest.Ca
     keys = fill_disk(root)
     before = stored_bytes(root)
     # 1. A dry run reports and removes nothing.
-    code, dry = run(capsys, "gc", "--disk", str(root), "--max-age", "7d", "--dry-run", "--json")
-    assert code == 0 and dry["sources"][0]["removed_blocks"] == 5 and dry["sources"][0]["dry_run"]
+    dry = run(capsys, "gc", "--disk", str(root), "--max-age", "7d", "--dry-run", "--json")
+    assert dry["sources"][0]["removed_blocks"] == 5 and dry["sources"][0]["dry_run"]
     assert stored_bytes(root) == before
     # 2. --max-age 7d removes model A's four 10-day-old blocks and the corrupt record.
-    code, done = run(capsys, "gc", "--disk", str(root), "--max-age", "7d", "--json")
+    done = run(capsys, "gc", "--disk", str(root), "--max-age", "7d", "--json")
     [src] = done["sources"]
     assert (src["removed_blocks"], src["corrupt_removed"], src["kept_blocks"]) == (5, 1, 8)
     assert src["kept_bytes"] == stored_bytes(root)
@@ -121,7 +121,7 @@ def test_gc_disk_by_age_then_size_oldest_first(tmp_path: Path, capsys: pytest.Ca
     #    keeping a[4] (3604 s) and model B's blocks (60 s).
     sizes = {p.stem: p.stat().st_size for p in root.glob("*/*.kvb")}
     limit = sum(sizes[k.hex()] for k in keys["b"]) + sizes[keys["a"][4].hex()]
-    code, done = run(capsys, "gc", "--disk", str(root), "--max-size", str(limit), "--json")
+    done = run(capsys, "gc", "--disk", str(root), "--max-size", str(limit), "--json")
     assert done["sources"][0]["removed_blocks"] == 3
     assert {p.stem for p in root.glob("*/*.kvb")} == {k.hex() for k in [keys["a"][4], *keys["b"]]}
     # 4. What is left is intact: a DiskTier restarted on the directory serves it.
@@ -145,9 +145,10 @@ def test_gc_needs_a_limit_and_reads_durations(tmp_path: Path) -> None:
 
 def test_module_entry_point_reports_errors_with_exit_code_2(tmp_path: Path) -> None:
     run_module = [sys.executable, "-m", "kvtier.inspect", "gc", "--disk", str(tmp_path), "--max-size", "lots"]
-    done = subprocess.run(run_module, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(run_module, capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 2 and "--max-size: expected a size" in done.stderr
-    done = subprocess.run(run_module[:-2] + ["--max-size", "1GiB"], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(run_module[:-2] + ["--max-size", "1GiB"], capture_output=True, text=True, timeout=120,
+                          check=False)
     assert done.returncode == 0 and "removed 0 blocks" in done.stdout
 
 
@@ -187,7 +188,7 @@ def test_inspect_and_gc_redis(redis_server: Any, capsys: pytest.CaptureFixture[s
     client.set("insp:model-a:b:" + "ab" * 16, b"garbage")  # a corrupt record
     client.set("insp:model-a:other", b"not a block")
     # 2. inspect groups them by namespace, codec and raw size; Redis ages are idle times.
-    code, report = run(capsys, "inspect", "--redis", url, "--prefix", "insp:", "--json")
+    report = run(capsys, "inspect", "--redis", url, "--prefix", "insp:", "--json")
     [src] = report["sources"]
     assert (src["blocks"], src["corrupt_blocks"], src["age_basis"]) == (9, 1, "idle")
     groups = {(g["namespace"], g["codec"], g["raw_block_bytes"]): g["blocks"] for g in src["groups"]}
@@ -195,10 +196,10 @@ def test_inspect_and_gc_redis(redis_server: Any, capsys: pytest.CaptureFixture[s
     assert src["oldest_age_s"] is not None and src["oldest_age_s"] < 60
     # 3. gc --max-size: the corrupt record goes, then blocks until the rest fit; the shared index follows.
     limit = src["groups"][1]["bytes"] + 2 * (src["groups"][0]["bytes"] // 6)
-    code, done = run(capsys, "gc", "--redis", url, "--prefix", "insp:", "--max-size", str(limit), "--json")
+    done = run(capsys, "gc", "--redis", url, "--prefix", "insp:", "--max-size", str(limit), "--json")
     [gc] = done["sources"]
     assert gc["corrupt_removed"] == 1 and gc["kept_bytes"] <= limit and gc["removed_blocks"] >= 5
-    code, after = run(capsys, "inspect", "--redis", url, "--prefix", "insp:", "--json")
+    after = run(capsys, "inspect", "--redis", url, "--prefix", "insp:", "--json")
     assert after["sources"][0]["blocks"] == gc["kept_blocks"] and after["sources"][0]["bytes"] == gc["kept_bytes"]
     # Each namespace's shared index ({prefix}:index:<tier name>) lists exactly the blocks still there.
     indexed = {k for ns in ("insp:model-a", "insp:model-b") for k, _ in RedisPrefixIndex(client, ns).members("redis")}
@@ -224,10 +225,9 @@ def test_inspect_a_config_covers_its_disk_and_redis_tiers(tmp_path: Path, redis_
     redis = tier_from(cfg["tiers"][2])
     for i in range(2):
         redis.put(key(6, i), redis.codec.encode(key(6, i), block(i, 4096)))
-    code, report = run(capsys, "inspect", "--config", str(path), "--json")
-    assert code == 0
+    report = run(capsys, "inspect", "--config", str(path), "--json")
     assert [(s["kind"], s["blocks"]) for s in report["sources"]] == [("disk", 1), ("redis", 2)]
-    code, done = run(capsys, "gc", "--config", str(path), "--max-size", "0", "--json")
+    done = run(capsys, "gc", "--config", str(path), "--max-size", "0", "--json")
     assert [s["removed_blocks"] for s in done["sources"]] == [1, 2]
     redis.close()
 
@@ -244,14 +244,14 @@ def test_inspect_and_gc_s3(seaweed_server: Any, monkeypatch: pytest.MonkeyPatch,
     for i in range(5):
         tier.put(key(7, i), tier.codec.encode(key(7, i), block(i, 8192)))
     url, endpoint = f"s3://{S3_BUCKET}/insp/", seaweed_server.endpoint_url
-    code, report = run(capsys, "inspect", "--s3", url, "--endpoint", endpoint, "--json")
+    report = run(capsys, "inspect", "--s3", url, "--endpoint", endpoint, "--json")
     [src] = report["sources"]
     assert src["blocks"] == 5 and src["corrupt_blocks"] == 0
     assert [(g["namespace"], g["codec"], g["raw_block_bytes"]) for g in src["groups"]] == \
         [("insp/model-s", "zstd+shuffle", 8192)]
     assert src["oldest_age_s"] is not None and -5 < src["oldest_age_s"] < 600
-    code, done = run(capsys, "gc", "--s3", url, "--endpoint", endpoint, "--max-size", "0", "--json")
+    done = run(capsys, "gc", "--s3", url, "--endpoint", endpoint, "--max-size", "0", "--json")
     assert done["sources"][0]["removed_blocks"] == 5
-    code, after = run(capsys, "inspect", "--s3", url, "--endpoint", endpoint, "--json")
+    after = run(capsys, "inspect", "--s3", url, "--endpoint", endpoint, "--json")
     assert after["sources"][0]["blocks"] == 0
     tier.close()

@@ -82,7 +82,7 @@ def _histogram_problems(name: str, samples: list[Any]) -> list[str]:
             counts[labels] = s.value
     for labels, buckets in series.items():
         values = [v for _, v in sorted(buckets)]
-        if values != sorted(values) or sorted(buckets)[-1][0] != float("inf"):
+        if values != sorted(values) or max(buckets)[0] != float("inf"):
             problems.append(f"{name}{dict(labels)}: buckets not cumulative or no +Inf")
         if counts.get(labels) != values[-1]:
             problems.append(f"{name}{dict(labels)}: _count differs from the +Inf bucket")
