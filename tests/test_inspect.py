@@ -255,3 +255,16 @@ def test_inspect_and_gc_s3(seaweed_server: Any, monkeypatch: pytest.MonkeyPatch,
     after = run(capsys, "inspect", "--s3", url, "--endpoint", endpoint, "--json")
     assert after["sources"][0]["blocks"] == 0
     tier.close()
+
+
+def test_the_kvtier_command_dispatches_inspect_and_gc(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from kvtier import cli
+
+    root = tmp_path / "disk"
+    fill_disk(root)
+    assert cli.main(["inspect", "--disk", str(root), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["sources"][0]["blocks"] == 12
+    assert cli.main(["gc", "--disk", str(root), "--max-age", "7d", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["sources"][0]["removed_blocks"] == 5
+    assert cli.main(["gc", "--disk", str(root)]) == 2  # no limit: a clear error, exit code 2
+    assert "--max-age, --max-size" in capsys.readouterr().err
