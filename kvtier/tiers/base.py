@@ -36,6 +36,8 @@ class Tier(ABC):
     """
 
     kind: str = "base"
+    # True when ``_read`` is safe without the lock (e.g. files replaced atomically): parallel reads overlap.
+    concurrent_reads: bool = False
 
     def __init__(self, name: str, capacity: int, codec: BlockCodec, policy: EvictionPolicy) -> None:
         self.name = name
@@ -133,16 +135,20 @@ class Tier(ABC):
         with self._lock:
             if key not in self._sizes:
                 return None
-            try:
-                record = self._read(key)
-            except TierError as exc:
-                log.warning("tier %s: read failed, treating as a miss: %s", self.name, exc)
-                return None
-            if record is None:
-                self._forget(key)
-                return None
             self.policy.on_access(key)
-            return record
+            if not self.concurrent_reads:
+                return self._read_or_forget(key)
+        return self._read_or_forget(key)
+
+    def _read_or_forget(self, key: BlockKey) -> bytes | None:
+        try:
+            record = self._read(key)
+        except TierError as exc:
+            log.warning("tier %s: read failed, treating as a miss: %s", self.name, exc)
+            return None
+        if record is None:
+            self.delete(key)
+        return record
 
     def delete(self, key: BlockKey) -> bool:
         with self._lock:
