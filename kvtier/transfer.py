@@ -57,6 +57,9 @@ class KVLayout:
         host = self.host_buffer(len(block_ids))
         if not block_ids:
             return host
+        if not self.is_cuda and all(layer.block_dim == 0 for layer in self.layers):
+            self._copy_rows(block_ids, host, out=True)
+            return host
         idx = torch.tensor(list(block_ids), dtype=torch.long, device=self.device)
         ctx = torch.cuda.stream(self._stream) if self._stream is not None else _null()
         with ctx:
@@ -78,6 +81,9 @@ class KVLayout:
             return
         if host.shape != (len(block_ids), self.block_bytes):
             raise ValueError(f"host buffer shape {tuple(host.shape)} != ({len(block_ids)}, {self.block_bytes})")
+        if not self.is_cuda and all(layer.block_dim == 0 for layer in self.layers):
+            self._copy_rows(block_ids, host, out=False)
+            return
         idx = torch.tensor(list(block_ids), dtype=torch.long, device=self.device)
         ctx = torch.cuda.stream(self._stream) if self._stream is not None else _null()
         with ctx:
@@ -91,6 +97,21 @@ class KVLayout:
         if self._stream is not None:
             torch.cuda.current_stream(self.device).wait_stream(self._stream)
             self._stream.synchronize()
+
+    def _copy_rows(self, block_ids: Sequence[int], host: torch.Tensor, out: bool) -> None:
+        """CPU fast path for block-major layouts: one memcpy per block and layer, no temporaries."""
+        buffer = host.numpy()
+        offset = 0
+        for layer in self.layers:
+            kv = self.tensors[layer.name]
+            rows = kv.view(torch.uint8).reshape(kv.shape[0], -1).numpy()  # shares memory with the cache
+            end = offset + layer.nbytes
+            for i, block_id in enumerate(block_ids):
+                if out:
+                    buffer[i, offset:end] = rows[block_id]
+                else:
+                    rows[block_id] = buffer[i, offset:end]
+            offset = end
 
 
 def _find_block_dim(kv: torch.Tensor, num_blocks: int | None) -> int:
