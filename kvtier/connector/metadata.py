@@ -22,6 +22,10 @@ class KVTierMetadata(KVConnectorMetadata):
     loads: list[LoadSpec] = field(default_factory=list)
     saves: list[tuple[bytes, int]] = field(default_factory=list)  # (key, block id)
     clear_store: bool = False
+    # For attention-aware policies (kvtier.attention): keys of the first block of a sequence saved this step
+    # (attention sinks) and (child, parent) prefix links of the blocks saved this step.
+    sinks: list[bytes] = field(default_factory=list)
+    links: list[tuple[bytes, bytes]] = field(default_factory=list)
 
 
 @dataclass
