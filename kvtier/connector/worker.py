@@ -15,7 +15,7 @@ import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -24,6 +24,9 @@ from kvtier.config import KVTierConfig
 from kvtier.connector.metadata import KVTierMetadata, KVTierWorkerMeta, LoadSpec, stats_delta
 from kvtier.tiers.stack import TierStack
 from kvtier.transfer import KVLayout
+
+if TYPE_CHECKING:
+    from kvtier.attention.feed import ScoreFeed
 
 log = logging.getLogger("kvtier.worker")
 
@@ -36,6 +39,7 @@ class WorkerSide:
         self._events_lock = threading.Lock()
         self.stack = TierStack.from_config(cfg, on_change=self._on_change)
         self.layout: KVLayout | None = None
+        self.scores: ScoreFeed | None = None  # attention-score feed, set by attach_attention
         threads = max(1, cfg.connector.transfer_threads)
         # Separate pools: a load (on the request's critical path) never queues behind background saves.
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="kvtier-save")
@@ -68,11 +72,25 @@ class WorkerSide:
         self.layout = KVLayout(kv_caches, self.num_blocks)
         log.info("kvtier: registered KV caches: %s", self.layout.describe())
 
+    def attach_attention(self, layers: dict[str, Any] | None, block_size: int) -> None:
+        """Start attention-score capture (kvtier.attention) on the model's attention layers, if configured."""
+        try:
+            from kvtier.attention.feed import ScoreFeed
+
+            self.scores = ScoreFeed.create(self.cfg.attention, self.stack, block_size, self.num_blocks)
+            if self.scores is not None and self.layout is not None:
+                self.scores.install(layers, [layer.name for layer in self.layout.layers])
+        except Exception:  # never fail engine start-up over scoring
+            log.exception("kvtier: attention capture could not start; policies rank by hit counts only")
+            self.scores = None
+
     # ---- loads -------------------------------------------------------------------------------------
     def start_load_kv(self, meta: KVTierMetadata) -> None:
         if meta.clear_store:
             self.drain()
             self.stack.clear()
+        if self.scores is not None:
+            self.scores.on_loads(meta.loads)
         for spec in meta.loads:
             if spec.is_async:
                 self._async_loads[spec.req_id] = self.load_pool.submit(self._load, spec)
@@ -115,6 +133,8 @@ class WorkerSide:
     # ---- saves -------------------------------------------------------------------------------------
     def wait_for_save(self, meta: KVTierMetadata) -> None:
         if not meta.saves or self.layout is None:
+            if self.scores is not None:
+                self.scores.on_step_end(meta, None)
             return
         start = time.perf_counter()
         keys = [key for key, _ in meta.saves]
@@ -122,6 +142,8 @@ class WorkerSide:
         self._count(gather_time_s=time.perf_counter() - start)
         self._saves = [f for f in self._saves if not f.done()]
         self._saves.append(self.pool.submit(self._store, keys, host))
+        if self.scores is not None:  # attention scores, sinks, links: applied once this store has landed
+            self.scores.on_step_end(meta, self._saves[-1])
 
     def _store(self, keys: list[bytes], host: torch.Tensor) -> None:
         start = time.perf_counter()
@@ -164,6 +186,8 @@ class WorkerSide:
     def stats_data(self) -> dict[str, Any] | None:
         with self._counters_lock:
             now = dict(self._counters)
+        if self.scores is not None:
+            now.update(self.scores.counters())
         for tier, counters in self.stack.metrics.snapshot().items():
             for name, value in counters.items():
                 now[f"{tier}.{name}"] = value
@@ -180,6 +204,8 @@ class WorkerSide:
         with self._counters_lock:
             data = {"counters": dict(self._counters), "tiers": self.stack.metrics.snapshot(),
                     "usage": self.stack.usage()}
+        if self.scores is not None:
+            data["counters"].update(self.scores.counters())
         tmp = f"{self._stats_file}.{os.getpid()}.tmp"
         try:
             with open(tmp, "w") as f:

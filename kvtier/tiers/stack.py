@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from kvtier.config import KVTierConfig
 from kvtier.errors import CorruptBlockError, TierError, TierFullError
@@ -165,6 +165,27 @@ class TierStack:
         for tier in self.tiers:
             with tier._lock:
                 tier.policy.unprotect(keys)
+
+    # ---- attention feedback (kvtier.attention): forwarded to every tier's policy under its lock ------
+    def update_scores(self, scores: Mapping[BlockKey, float]) -> None:
+        for tier in self.tiers:
+            with tier._lock:
+                tier.policy.update_scores(scores)
+
+    def mark_sinks(self, keys: Sequence[BlockKey]) -> None:
+        """First blocks of sequences, for policies that protect attention sinks (others ignore this)."""
+        for tier in self.tiers:
+            if hasattr(tier.policy, "mark_sink"):
+                with tier._lock:
+                    tier.policy.mark_sink(keys)
+
+    def set_parents(self, links: Sequence[tuple[BlockKey, BlockKey]]) -> None:
+        """(child, parent) prefix links, for policies that evict tails first (others ignore this)."""
+        for tier in self.tiers:
+            if hasattr(tier.policy, "set_parent"):
+                with tier._lock:
+                    for child, parent in links:
+                        tier.policy.set_parent(child, parent)
 
     def usage(self) -> dict[str, dict[str, int]]:
         return {t.name: {"blocks": len(t), "used_bytes": t.used_bytes, "capacity": t.capacity} for t in self.tiers}

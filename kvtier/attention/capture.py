@@ -1,0 +1,264 @@
+"""Attention-score capture inside the worker process, by wrapping each attention layer's ``impl.forward``.
+
+vLLM calls ``layer.impl.forward(layer, query, key, value, kv_cache, attn_metadata, output, ...)`` for every
+attention layer on both the CPU and the CUDA backends (eager or piecewise-compiled: attention stays outside
+the graph). The wrapper calls the original first and then *reads* ``query`` ``[T, Hq, d]`` (after RoPE),
+``key`` ``[T, Hkv, d]`` and the metadata (``query_start_loc``, ``seq_lens``, ``block_table``, ``slot_mapping``,
+``num_actual_tokens``); it never writes a tensor vLLM uses, so outputs cannot change.
+
+Keys are never decoded from the KV cache (the CPU cache is packed per ISA). Instead, per layer and per vLLM
+block id, the capture keeps running key summaries (count, sum, sum of squares, sum of 1/||k||) fed from the
+keys seen in forward inputs (slot_mapping says which block and offset each token went to; a write at offset
+0 means the block was reallocated, so its summary restarts). Modes:
+
+- ``window``: for each sampled request, the last ``window`` queries computed this step attend to the keys
+  computed this step exactly and to earlier blocks through their summaries (see ``scores.py``).
+- ``proxy``: query-free; each block's mean inverse key norm.
+
+A request is sampled in every step that computes more than one of its tokens (prefill, chunks) and, for
+decode-only requests, every ``every_n_steps`` steps. Per block id, scores are relative to the request's
+average block (1.0) and averaged over layers. Any error disables capture (logged once); vLLM carries on.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from kvtier.attention.scores import (
+    BlockStats,
+    proxy_block_scores,
+    relative_scores,
+    window_block_mass,
+)
+
+log = logging.getLogger("kvtier.attention")
+
+
+class _LayerState:
+    """Per-layer running key summaries, one row per vLLM block id."""
+
+    def __init__(self, num_blocks: int, num_kv_heads: int, head_dim: int, device: torch.device) -> None:
+        self.count = torch.zeros(num_blocks, device=device)
+        self.sum = torch.zeros(num_blocks, num_kv_heads, head_dim, device=device)
+        self.sumsq = torch.zeros_like(self.sum)
+        self.inv = torch.zeros(num_blocks, num_kv_heads, device=device)
+
+    def grow(self, num_blocks: int) -> None:
+        extra = num_blocks - self.count.shape[0]
+        if extra > 0:
+            self.count = torch.cat([self.count, self.count.new_zeros(extra)])
+            self.sum = torch.cat([self.sum, self.sum.new_zeros(extra, *self.sum.shape[1:])])
+            self.sumsq = torch.cat([self.sumsq, self.sumsq.new_zeros(extra, *self.sumsq.shape[1:])])
+            self.inv = torch.cat([self.inv, self.inv.new_zeros(extra, *self.inv.shape[1:])])
+
+    def stats(self, block_ids: torch.Tensor) -> BlockStats:
+        count = self.count[block_ids]
+        denom = count.clamp_min(1.0)[:, None, None]
+        mean = self.sum[block_ids] / denom
+        var = (self.sumsq[block_ids] / denom - mean * mean).clamp_min(0.0)
+        return BlockStats(count, mean, var)
+
+
+class AttentionCapture:
+    def __init__(self, mode: str, window: int, every_n_steps: int, block_size: int,
+                 num_blocks: int | None = None, summary_bytes: int = 64 << 20) -> None:
+        if mode not in ("window", "proxy"):
+            raise ValueError(f"attention.capture: expected window or proxy, got {mode!r}")
+        self.mode = mode
+        self.window = max(1, int(window))
+        self.every_n = max(1, int(every_n_steps))
+        self.block_size = block_size
+        self.num_blocks = num_blocks or 0
+        self.enabled = True
+        self.step = 0
+        self.layers: dict[str, _LayerState] = {}
+        self._order: list[str] = []
+        self._step_sum: dict[int, float] = {}
+        self._step_obs: dict[int, int] = {}
+        self._rewritten: set[int] = set()
+        self._meta_cache: tuple[int, Any, list[int], list[int]] | None = None
+        self._saved: OrderedDict[bytes, tuple[float, torch.Tensor]] = OrderedDict()
+        self._saved_bytes = 0
+        self._summary_bytes = summary_bytes
+        self.counters: dict[str, float] = {"capture_time_s": 0.0, "sampled_requests": 0, "scored_blocks": 0}
+
+    # ---- installation ------------------------------------------------------------------------------
+    def install(self, layers: Mapping[str, Any], names: Iterable[str]) -> int:
+        """Wrap ``impl.forward`` of each named attention layer; returns how many were wrapped."""
+        count = 0
+        for name in names:
+            layer = layers.get(name)
+            impl = getattr(layer, "impl", None)
+            if impl is None or getattr(impl, "_kvtier_wrapped", False) or not hasattr(impl, "forward"):
+                continue
+            scale = getattr(impl, "scale", None)
+            impl.forward = self._wrap(name, impl.forward, float(scale) if scale else None)
+            impl._kvtier_wrapped = True
+            self._order.append(name)
+            count += 1
+        return count
+
+    def _wrap(self, name: str, original: Any, scale: float | None) -> Any:
+        def forward(layer: Any, query: torch.Tensor, key: torch.Tensor | None, value: torch.Tensor | None,
+                    kv_cache: torch.Tensor, attn_metadata: Any, *args: Any, **kwargs: Any) -> Any:
+            result = original(layer, query, key, value, kv_cache, attn_metadata, *args, **kwargs)
+            if self.enabled and attn_metadata is not None and key is not None:
+                start = time.perf_counter()
+                try:
+                    with torch.no_grad():
+                        self.observe(name, query, key, attn_metadata, scale or query.shape[-1] ** -0.5)
+                except Exception:  # capture must never take the engine down
+                    self.enabled = False
+                    log.exception("kvtier: attention capture failed in layer %s; capture disabled", name)
+                self.counters["capture_time_s"] += time.perf_counter() - start
+            return result
+
+        return forward
+
+    # ---- per layer, per step -----------------------------------------------------------------------
+    def _lists(self, md: Any) -> tuple[list[int], list[int]]:
+        """query_start_loc and seq_lens as Python lists, converted once per step (one sync on CUDA)."""
+        cached = self._meta_cache
+        if cached is not None and cached[0] == self.step and cached[1] is md:
+            return cached[2], cached[3]
+        qsl = md.query_start_loc.tolist()
+        lens = md.seq_lens.tolist()
+        self._meta_cache = (self.step, md, qsl, lens)
+        return qsl, lens
+
+    def observe(self, name: str, query: torch.Tensor, key: torch.Tensor, md: Any, scale: float) -> None:
+        total = int(md.num_actual_tokens)
+        if total <= 0:
+            return
+        keys = key[:total].float()
+        state = self.layers.get(name)
+        if state is None:
+            state = _LayerState(max(self.num_blocks, 1), keys.shape[1], keys.shape[2], keys.device)
+            self.layers[name] = state
+        slots = md.slot_mapping[:total].long()
+        valid = slots >= 0
+        blocks = torch.where(valid, slots // self.block_size, torch.zeros_like(slots))
+        top = int(blocks.max()) + 1
+        if top > state.count.shape[0]:
+            state.grow(max(top, 2 * state.count.shape[0]))
+        qsl, lens = self._lists(md)
+        block_table = md.block_table
+        if self.mode == "window":
+            self._score_window(state, query, keys, qsl, lens, block_table, scale)
+        self._update(state, keys, blocks, slots, valid, name == self._order[0] if self._order else True)
+        if self.mode == "proxy":
+            self._score_proxy(state, qsl, lens, block_table)
+
+    def _sampled(self, qsl: list[int], lens: list[int]) -> Iterable[tuple[int, int, int, int]]:
+        """(request row, first query token, query count, seq len) for the requests sampled this step."""
+        decode_due = self.step % self.every_n == 0
+        for r in range(len(qsl) - 1):
+            n = qsl[r + 1] - qsl[r]
+            if n > 1 or (n == 1 and decode_due):
+                yield r, qsl[r], n, lens[r]
+
+    def _score_window(self, state: _LayerState, query: torch.Tensor, keys: torch.Tensor, qsl: list[int],
+                      lens: list[int], block_table: torch.Tensor, scale: float) -> None:
+        bs = self.block_size
+        for r, qs, n, seq_len in self._sampled(qsl, lens):
+            first = seq_len - n
+            prior_blocks = -(-first // bs)
+            nb = -(-seq_len // bs)
+            ids = block_table[r, :nb].long()
+            prior = state.stats(ids[:prior_blocks])
+            w = min(self.window, n)
+            q_pos = torch.arange(seq_len - w, seq_len, device=query.device)
+            mass = window_block_mass(query[qs + n - w:qs + n], q_pos, keys[qs:qs + n], first, prior, bs, scale)
+            known = torch.ones(nb, dtype=torch.bool, device=mass.device)
+            known[:prior_blocks] = prior.count > 0
+            if first % bs:
+                known[prior_blocks - 1] = True  # partial block: its current-step tokens are exact
+            self._accumulate(ids, relative_scores(mass, known), known)
+
+    def _score_proxy(self, state: _LayerState, qsl: list[int], lens: list[int], block_table: torch.Tensor) -> None:
+        for r, _, _, seq_len in self._sampled(qsl, lens):
+            ids = block_table[r, :-(-seq_len // self.block_size)].long()
+            count = state.count[ids]
+            inv = state.inv[ids].sum(1) / (count.clamp_min(1.0) * state.inv.shape[1])
+            known = count > 0
+            self._accumulate(ids, proxy_block_scores(inv, known), known)
+
+    def _accumulate(self, ids: torch.Tensor, scores: torch.Tensor, known: torch.Tensor) -> None:
+        self.counters["sampled_requests"] += 1
+        for block_id, score, ok in zip(ids.tolist(), scores.tolist(), known.tolist(), strict=True):
+            if ok:
+                self._step_sum[block_id] = self._step_sum.get(block_id, 0.0) + score
+                self._step_obs[block_id] = self._step_obs.get(block_id, 0) + 1
+
+    def _update(self, state: _LayerState, keys: torch.Tensor, blocks: torch.Tensor, slots: torch.Tensor,
+                valid: torch.Tensor, first_layer: bool) -> None:
+        """Fold this step's keys into the block summaries; a write at offset 0 restarts the block."""
+        restart = blocks[valid & (slots % self.block_size == 0)]
+        if restart.numel():
+            state.count[restart] = 0.0
+            state.sum[restart] = 0.0
+            state.sumsq[restart] = 0.0
+            state.inv[restart] = 0.0
+            if first_layer:
+                self._rewritten.update(restart.tolist())
+        b, k = blocks[valid], keys[valid]
+        state.count.index_add_(0, b, torch.ones_like(b, dtype=state.count.dtype))
+        state.sum.index_add_(0, b, k)
+        state.sumsq.index_add_(0, b, k * k)
+        state.inv.index_add_(0, b, 1.0 / k.norm(dim=-1).clamp_min(1e-6))
+
+    # ---- step boundary and block identity ----------------------------------------------------------
+    def end_step(self) -> tuple[dict[int, float], set[int]]:
+        """This step's scores by block id (averaged over layer observations) and block ids restarted."""
+        scores = {b: s / self._step_obs[b] for b, s in self._step_sum.items()}
+        rewritten = self._rewritten
+        self._step_sum, self._step_obs, self._rewritten = {}, {}, set()
+        self.counters["scored_blocks"] += len(scores)
+        self.step += 1
+        return scores, rewritten
+
+    def remember(self, pairs: Sequence[tuple[bytes, int]]) -> None:
+        """Keep the summaries of saved blocks by key, so a later load into another block id restores them."""
+        if not self.layers or not pairs:
+            return
+        states = [self.layers[n] for n in self._order if n in self.layers]
+        for key, block_id in pairs:
+            if block_id >= states[0].count.shape[0]:
+                continue
+            rows = torch.stack([torch.cat([s.sum[block_id], s.sumsq[block_id], s.inv[block_id][:, None]], 1)
+                                for s in states]).cpu()
+            old = self._saved.pop(key, None)
+            if old is not None:
+                self._saved_bytes -= old[1].nbytes
+            self._saved[key] = (float(states[0].count[block_id]), rows)
+            self._saved_bytes += rows.nbytes
+        while self._saved_bytes > self._summary_bytes and self._saved:
+            self._saved_bytes -= self._saved.popitem(last=False)[1][1].nbytes
+
+    def restore(self, pairs: Sequence[tuple[bytes, int]]) -> None:
+        """Blocks loaded into ``block_id``: use the remembered summaries of ``key``, else mark them unknown."""
+        if not self.layers:
+            return
+        states = [self.layers[n] for n in self._order if n in self.layers]
+        for key, block_id in pairs:
+            if block_id >= states[0].count.shape[0]:
+                for s in states:
+                    s.grow(max(block_id + 1, 2 * s.count.shape[0]))
+            saved = self._saved.get(key)
+            for i, s in enumerate(states):
+                if saved is None:
+                    s.count[block_id] = 0.0
+                    continue
+                rows = saved[1][i].to(s.sum.device)
+                d = s.sum.shape[2]
+                s.count[block_id] = saved[0]
+                s.sum[block_id], s.sumsq[block_id] = rows[:, :d], rows[:, d:2 * d]
+                s.inv[block_id] = rows[:, 2 * d]
+            if saved is not None:
+                self._saved.move_to_end(key)

@@ -1,0 +1,115 @@
+"""ScoreFeed: turns per-block-id attention scores from the capture into per-key policy updates.
+
+The worker knows which kvtier key a vLLM block id holds only from the metadata: ``saves`` (key, block id)
+and ``loads`` (keys, block ids). A block id whose offset 0 is rewritten in a forward holds new content, so its
+key is forgotten. At the end of each step (``wait_for_save``) the feed maps the step's scores to keys and
+hands them, with the scheduler's sink marks and parent links, to the TierStack. Keys saved in this very step
+are still being stored by the transfer pool (policies ignore untracked keys), so the update is applied when
+that step's store future completes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Any
+
+from kvtier.attention.capture import AttentionCapture
+from kvtier.config import AttentionConfig
+
+if TYPE_CHECKING:
+    from kvtier.connector.metadata import KVTierMetadata, LoadSpec
+    from kvtier.tiers.stack import TierStack
+
+log = logging.getLogger("kvtier.attention")
+
+
+def uses_scores(stack: TierStack) -> bool:
+    """Whether any tier's policy does something with update_scores (the base class ignores it)."""
+    from kvtier.policies.base import EvictionPolicy
+
+    return any(type(t.policy).update_scores is not EvictionPolicy.update_scores for t in stack.tiers)
+
+
+class ScoreFeed:
+    def __init__(self, cfg: AttentionConfig, stack: TierStack, block_size: int | None,
+                 num_blocks: int | None) -> None:
+        self.stack = stack
+        self.capture: AttentionCapture | None = None
+        self._block_keys: dict[int, bytes] = {}
+        self.mode = cfg.capture
+        if cfg.capture != "off" and block_size:
+            self.capture = AttentionCapture(cfg.capture, cfg.window, cfg.every_n_steps, block_size, num_blocks)
+
+    @staticmethod
+    def create(cfg: AttentionConfig, stack: TierStack, block_size: int | None,
+               num_blocks: int | None) -> ScoreFeed | None:
+        """A feed when capture is on and some tier's policy uses scores; otherwise None (and say why)."""
+        if cfg.capture == "off":
+            log.info("kvtier: attention capture off")
+            return None
+        if not uses_scores(stack):
+            log.info("kvtier: attention capture %s not installed: no tier's policy uses attention scores",
+                     cfg.capture)
+            return None
+        return ScoreFeed(cfg, stack, block_size, num_blocks)
+
+    def install(self, layers: Mapping[str, Any] | None, names: Sequence[str]) -> None:
+        if self.capture is None or not layers:
+            log.warning("kvtier: attention capture %s requested but the attention layers are not reachable; "
+                        "policies rank by decayed hit counts only", self.mode)
+            self.capture = None
+            return
+        count = self.capture.install(layers, names)
+        if count == 0:
+            log.warning("kvtier: no attention layer could be hooked (backend gives no access); capture off")
+            self.capture = None
+            return
+        how = (f"SnapKV-style window of the last {self.capture.window} queries" if self.mode == "window"
+               else "query-free key-norm proxy")
+        log.info("kvtier: attention capture mode %s (%s) on %d layers, decode sampled every %d steps",
+                 self.mode, how, count, self.capture.every_n)
+
+    def on_loads(self, loads: Sequence[LoadSpec]) -> None:
+        for spec in loads:
+            pairs = list(zip(spec.keys, spec.block_ids, strict=False))
+            self._block_keys.update((b, k) for k, b in pairs)
+            if self.capture is not None:
+                self.capture.restore(pairs)
+
+    def on_step_end(self, meta: KVTierMetadata, store: Future[None] | None) -> None:
+        scores: dict[bytes, float] = {}
+        if self.capture is not None:
+            by_block, rewritten = self.capture.end_step()
+            for block_id in rewritten:
+                self._block_keys.pop(block_id, None)
+            self._block_keys.update((b, k) for k, b in meta.saves)
+            self.capture.remember(meta.saves)
+            scores = {self._block_keys[b]: s for b, s in by_block.items() if b in self._block_keys}
+        else:
+            self._block_keys.update((b, k) for k, b in meta.saves)
+        sinks = list(getattr(meta, "sinks", ()))
+        links = list(getattr(meta, "links", ()))
+        if not (scores or sinks or links):
+            return
+        if store is None:
+            self._apply(scores, sinks, links)
+        else:
+            store.add_done_callback(lambda _f: self._apply(scores, sinks, links))
+
+    def _apply(self, scores: dict[bytes, float], sinks: list[bytes], links: list[tuple[bytes, bytes]]) -> None:
+        try:
+            if scores:
+                self.stack.update_scores(scores)
+            if sinks:
+                self.stack.mark_sinks(sinks)
+            if links:
+                self.stack.set_parents(links)
+        except Exception:  # a scoring problem must never fail a save
+            log.exception("kvtier: applying attention scores failed")
+
+    def counters(self) -> dict[str, float]:
+        if self.capture is None:
+            return {}
+        return {f"attention.{k}": v for k, v in self.capture.counters.items()}
