@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
 from kvtier.logs import setup_logging
 
-log = setup_logging()
+log = logging.getLogger("kvtier")
 
 
 def load_config(extra: dict[str, Any] | None) -> KVTierConfig:
@@ -56,6 +56,7 @@ class KVTierConnector(KVConnectorBase_V1):
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole,
                  kv_cache_config: KVCacheConfig | None = None) -> None:
         super().__init__(vllm_config, role, kv_cache_config)
+        setup_logging()  # here, not at import: importing kvtier must not reconfigure logging
         transfer = vllm_config.kv_transfer_config
         self.cfg = load_config(transfer.kv_connector_extra_config if transfer else None)
         if vllm_config.parallel_config.tensor_parallel_size > 1 or vllm_config.parallel_config.pipeline_parallel_size > 1:
