@@ -54,8 +54,28 @@ class SchedulerSide:
                         continue
                     if len(key) == KEY_SIZE:
                         self.index[key] = tier.name
+        for i, tier in enumerate(self.cfg.tiers):
+            if tier.kind in ("s3", "redis"):
+                self._scan_shared_tier(i)
         if self.index:
-            log.info("kvtier: %d stored blocks found on disk tiers", len(self.index))
+            log.info("kvtier: %d stored blocks found on persistent tiers", len(self.index))
+
+    def _scan_shared_tier(self, i: int) -> None:
+        """List a shared tier once at start-up: blocks other instances (or a previous run) stored there."""
+        from kvtier.errors import KVTierError
+        from kvtier.tiers.factory import make_tier
+
+        cfg = self.cfg.tiers[i]
+        try:
+            tier = make_tier(cfg, self.cfg.checksum, f"tiers[{i}]")
+            try:
+                for key, _ in tier._scan():
+                    self.index.setdefault(key, cfg.name)
+            finally:
+                tier.close()
+        except KVTierError as exc:
+            log.warning("kvtier: cannot list tier %s at start-up (%s); its blocks are learnt as the worker "
+                        "reports them", cfg.name, exc)
 
     def _state(self, request: Request) -> _ReqState:
         state = self._reqs.get(request.request_id)
