@@ -1,5 +1,6 @@
 """Smoke test of ``kvtier bench``: the small preset cut to 2 conversations x 2 turns, the reference and one kvtier
-configuration (two engine starts), checked for the report's structure and for the correctness check.
+configuration (two engine starts), checked for the report's structure and for the correctness check; plus fast
+tests of the pieces (settings, prompts, the output comparison, error extraction).
 
 vLLM's KV space is the smallest the engine accepts for max_model_len 896 (8 blocks of 128 tokens), so the
 second conversation pushes the first one's history out of vLLM's own cache and kvtier has to serve it.
@@ -14,15 +15,78 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.e2e
+from kvtier.bench.runner import root_cause
+from kvtier.bench.settings import load_settings
+from kvtier.bench.stats import check_against, percentile
+from kvtier.bench.workload import from_trace, load_tokenizer
+from kvtier.errors import ConfigError
+from kvtier.models import build_model
 
 SETTINGS = """\
 preset: small
 workload: {conversations: 2, turns: 2, answer_tokens: 32}
 engine: {kv_cache_bytes: 2MiB, max_model_len: 896}
 configs: [kvtier-dram, lmcache]
+rounds: 1
 timeout_s: 600
 """
+
+
+def test_settings_merge_and_name_the_bad_key() -> None:
+    settings = load_settings("small", overrides={"workload": {"turns": 5}, "policies": ["arc"]})
+    assert settings.workload.turns == 5 and settings.policies == ("arc",)
+    assert settings.engine.kv_cache_bytes == 3 * 2**20
+    with pytest.raises(ConfigError, match="workload.turnz: unknown key"):
+        load_settings("small", overrides={"workload": {"turnz": 5}})
+    with pytest.raises(ConfigError, match="configs: unknown configuration 'nope'"):
+        load_settings("small", overrides={"configs": ["nope"]})
+    for example in Path(__file__).resolve().parents[1].joinpath("configs").glob("bench-*.yaml"):
+        assert load_settings(path=str(example)).workload.conversations >= 1
+    assert load_settings("large").policies == ("lru", "lfu", "arc", "attention")
+
+
+def test_prompts_are_the_chat_template_in_token_ids(tmp_path: Path) -> None:
+    tok = load_tokenizer(build_model("tiny"))
+    messages = [{"role": "system", "content": "You answer briefly."}, {"role": "user", "content": "What is a cache?"},
+                {"role": "assistant", "content": "A place to keep things."}, {"role": "user", "content": "And KV?"}]
+    trace = tmp_path / "trace.json"
+    trace.write_text(json.dumps([{"messages": messages}]))
+    turns = from_trace(load_settings("small").workload, tok, str(trace)).conversations[0].turns
+    answer = tok.encode(messages[2]["content"], add_special_tokens=False)
+    assert turns[0].max_tokens == len(answer)
+    # The history (first prompt + the answer's own tokens) plus the next segment is what the template renders.
+    expected = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    assert turns[0].segment + answer + turns[1].segment == list(expected["input_ids"])
+
+
+def _record(conv: int, turn: int, cached: int, output: list[int]) -> dict:
+    return {"conv": conv, "turn": turn, "num_cached_tokens": cached, "output": output}
+
+
+def test_output_check_fails_only_on_a_strict_mismatch() -> None:
+    ref = [_record(0, 0, 0, [1, 2]), _record(1, 0, 128, [3, 4]), _record(0, 1, 256, [5, 6]), _record(1, 1, 256, [7])]
+    reference = {"check_requests": ref, "rounds": [{"requests": ref}]}
+
+    def run(records: list[dict]) -> dict:
+        return check_against(reference, {"check_requests": records, "rounds": [{"requests": records}]})
+
+    assert run(ref)["passed"] and run(ref)["strict"] == 4
+    # Same split as the reference, different tokens: only wrong KV can do that.
+    bad = run([ref[0], ref[1], _record(0, 1, 256, [5, 9]), ref[3]])
+    assert not bad["passed"] and bad["mismatches"][0]["first_diff_token"] == 1
+    # It recomputed what the reference reused: from there on the arithmetic differs, informational only.
+    other = run([ref[0], _record(1, 0, 0, [3, 8]), ref[2], _record(1, 1, 0, [7])])
+    assert other["passed"] and other["strict"] == 1
+    assert other["different_split"] == 2 and other["different_split_identical"] == 1
+    assert other["not_comparable"] == 1  # conversation 1 diverged: its next prompt differs
+    assert percentile([3.0, 1.0, 2.0], 50) == 2.0 and percentile([], 50) is None
+
+
+def test_root_cause_skips_vllms_generic_error() -> None:
+    log = ("[rank0]: Exception: CPU Offloading is currently only supported on CUDA-alike and XPU GPUs\n"
+           "RuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {}\n")
+    assert root_cause(log, 1) == "Exception: CPU Offloading is currently only supported on CUDA-alike and XPU GPUs"
+    assert root_cause("nothing useful", 3) == "exited with code 3 (see the engine log)"
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +104,7 @@ def by_name(report: dict) -> dict[str, dict]:
     return {row["name"]: row for row in report["results"]}
 
 
+@pytest.mark.e2e
 def test_runs_and_writes_table_and_plots(report: tuple[dict, Path, subprocess.CompletedProcess[str]]) -> None:
     data, out, proc = report
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -51,6 +116,7 @@ def test_runs_and_writes_table_and_plots(report: tuple[dict, Path, subprocess.Co
     assert data["settings"]["workload"]["conversations"] == 2 and data["workload"]["requests"] == 4
 
 
+@pytest.mark.e2e
 def test_every_configuration_has_metrics(report: tuple[dict, Path, subprocess.CompletedProcess[str]]) -> None:
     rows = by_name(report[0])
     assert [name for name, row in rows.items() if row["status"] == "ok"] == ["reference", "kvtier-dram"]
@@ -74,6 +140,7 @@ def test_every_configuration_has_metrics(report: tuple[dict, Path, subprocess.Co
     assert rows["kvtier-dram"]["summary"]["hit_rate_by_turn"]["1"] > 0.5
 
 
+@pytest.mark.e2e
 def test_unavailable_baseline_is_reported(report: tuple[dict, Path, subprocess.CompletedProcess[str]]) -> None:
     row = by_name(report[0])["lmcache"]
     if row["status"] == "ok":
@@ -82,6 +149,7 @@ def test_unavailable_baseline_is_reported(report: tuple[dict, Path, subprocess.C
     assert f"**lmcache**: not supported here: {row['error']}" in (report[1] / "results.md").read_text()
 
 
+@pytest.mark.e2e
 def test_correctness_check_passes_with_kvtier_serving_blocks(
         report: tuple[dict, Path, subprocess.CompletedProcess[str]]) -> None:
     check = by_name(report[0])["kvtier-dram"]["check"]

@@ -145,8 +145,9 @@ def execute(configs: list[RunConfig], settings: BenchSettings, specs: dict[str, 
                 drv.progress = (0, 0)
                 runner.command([drv], "run", settings.timeout_s, partial(_show, progress, drv))
                 progress.advance(per_round)
-        progress.phase("correctness pass (all engines at once)")
-        runner.command(live, "check", settings.timeout_s)
+        for drv in live:  # one at a time too: on a few cores, engines running side by side slow each other a lot
+            progress.phase(f"{drv.cfg.name}: correctness pass")
+            runner.command([drv], "check", settings.timeout_s)
     except BaseException:
         for drv in drivers:  # interrupted or broken: leave no engine behind
             drv.kill()

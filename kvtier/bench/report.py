@@ -114,8 +114,11 @@ def plots(report: dict[str, Any], out_dir: Path) -> list[str]:
         by = r["summary"]["ttft_by_turn_ms"]
         turns = sorted(by, key=int)
         ax.plot([int(t) for t in turns], [by[t]["p50"] for t in turns], marker="o", label=r["name"])
-    ax.set_xlabel("turn")
-    ax.set_ylabel("TTFT p50 (ms)")
+    turns_all = sorted({int(t) for r in ok for t in r["summary"]["ttft_by_turn_ms"]})
+    ax.set_xticks(turns_all)
+    ax.set_yscale("log")
+    ax.set_xlabel("turn (0 = first question of a conversation)")
+    ax.set_ylabel("TTFT p50 (ms, log scale)")
     ax.set_title("Time to first token by turn")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -127,7 +130,8 @@ def plots(report: dict[str, Any], out_dir: Path) -> list[str]:
     fig, ax = plt.subplots(figsize=(8, 4.5))
     names = [r["name"] for r in ok]
     bottoms = [0.0] * len(ok)
-    sources = ["vllm"] + sorted({t for r in ok for t in r["summary"]["hit_tokens_by_tier"]} - {"vllm"})
+    seen = {t for r in ok for t in r["summary"]["hit_tokens_by_tier"]}
+    sources = [t for t in TIER_COLORS if t in seen] + sorted(seen - set(TIER_COLORS))
     for source in [*sources, "recomputed"]:
         values = []
         for r in ok:

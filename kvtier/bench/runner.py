@@ -2,8 +2,8 @@
 
 All engines are started first (a few at a time) and stay up, waiting for commands; then the timed rounds run
 one configuration at a time, round-robin (round 1 of every configuration, then round 2, ...), so a busy spell
-of a shared machine spreads over all configurations instead of hitting one. The correctness passes do not
-depend on timing and run in all engines at once.
+of a shared machine spreads over all configurations instead of hitting one; then the correctness passes, one
+engine at a time as well.
 """
 
 from __future__ import annotations
