@@ -112,6 +112,10 @@ def build_model(size: str = "tiny", cache_dir: str | None = None) -> str:
     processes at once: each either finds the finished model or builds one in a
     private temporary folder and renames it into place.
     """
+    if size == "trained":  # trained on local text so its attention is not flat (kvtier/train.py)
+        from kvtier.train import build_trained
+
+        return build_trained(cache_dir)
     spec = _spec_for(size)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     final = root / model_dir_name(size)
@@ -372,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m kvtier.models",
         description="Build (or find cached) a random-weight Llama model and print its directory.",
     )
-    parser.add_argument("--size", default="tiny", choices=sorted(SIZES))
+    parser.add_argument("--size", default="tiny", choices=[*sorted(SIZES), "trained"])
     parser.add_argument("--cache-dir", default=None,
                         help="where models are cached (default: $KVTIER_HOME/models or ~/.cache/kvtier/models)")
     args = parser.parse_args(argv)
