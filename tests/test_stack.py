@@ -131,3 +131,36 @@ def test_every_policy_drives_spill(tmp_path: Path, policy: str) -> None:
     for i, raw in data.items():
         got = stack.get(key(i))
         assert got is not None and got[0] == raw
+
+
+def test_a_block_being_demoted_is_still_served(tmp_path: Path) -> None:
+    """The victim of a DRAM eviction is readable while its disk write is still in progress."""
+    import threading
+
+    stack = make_stack(tmp_path)
+    disk = stack.tiers[1]
+    writing, release = threading.Event(), threading.Event()
+    real_write = disk._write
+
+    def slow_write(k: bytes, record: bytes) -> None:
+        writing.set()
+        assert release.wait(10)
+        real_write(k, record)
+
+    data = {i: block(i) for i in range(4)}
+    for i in range(3):  # DRAM holds three of these blocks
+        assert stack.put(key(i), data[i])
+    disk._write = slow_write  # type: ignore[method-assign]
+    putter = threading.Thread(target=stack.put, args=(key(3), data[3]))
+    putter.start()
+    try:
+        assert writing.wait(10)  # block 0 has left DRAM and is not on disk yet
+        assert not stack.tiers[0].contains(key(0)) and not disk.contains(key(0))
+        assert stack.where(key(0)) == "dram" and stack.lookup_prefix([key(0)]) == 1
+        assert stack.get(key(0)) == (data[0], "dram")
+        assert stack.metrics.snapshot()["dram"]["transit_hits"] == 1
+    finally:
+        release.set()
+        putter.join(10)
+    assert stack.where(key(0)) == "disk" and stack.get(key(0))[0] == data[0]
+    assert not stack._transit

@@ -7,6 +7,9 @@
   that fails verification is deleted and reported as a miss, never returned. On a hit below the top tier the
   block is promoted (copied up) when ``promote_on_hit`` is set.
 - lookup_prefix: the longest run of leading keys present in any tier.
+- A victim on its way down (evicted from one tier, not yet written to the next) stays readable: get, where
+  and lookup_prefix also look at the records in transit, so a concurrent load never misses a block that is
+  only being demoted.
 
 A tier error is a miss: it is counted, logged once per tier and error kind, and never raised to the caller.
 """
@@ -14,6 +17,7 @@ A tier error is a miss: it is counted, logged once per tier and error kind, and 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 
@@ -39,6 +43,10 @@ class TierStack:
         self._logged: set[tuple[str, str]] = set()
         # Told where a key now lives (tier name) or that no tier holds it any more (None).
         self.on_change = on_change or (lambda key, tier: None)
+        # Victims between eviction and their landing one tier down: key -> (source tier index, record).
+        self._transit: dict[BlockKey, tuple[int, bytes]] = {}
+        self._transit_lock = threading.Lock()
+        self._landed = 0  # demotions finished; get rescans when this moved during its scan
 
     @classmethod
     def from_config(cls, cfg: KVTierConfig, metrics: StoreMetrics | None = None,
@@ -75,10 +83,23 @@ class TierStack:
         self.metrics.add(tier.name, "puts")
         self.metrics.add(tier.name, "bytes_written", len(record))
         self.on_change(key, tier.name)
+        with self._transit_lock:
+            for victim_key, victim_record in victims:
+                if victim_record is not None:
+                    self._transit[victim_key] = (index, victim_record)
         for victim in victims:
             self.metrics.add(tier.name, "evictions")
-            self._demote(index, victim)
+            try:
+                self._demote(index, victim)
+            finally:
+                self._end_transit(victim[0], index)
         return True
+
+    def _end_transit(self, key: BlockKey, index: int) -> None:
+        with self._transit_lock:
+            if key in self._transit and self._transit[key][0] == index:
+                del self._transit[key]
+                self._landed += 1
 
     def _put_below(self, index: int, key: BlockKey, record: bytes) -> bool:
         """A tier refused the record: try the next one down (re-encoded for it)."""
@@ -99,6 +120,7 @@ class TierStack:
                 self.metrics.add(self.tiers[index].name, "demotions")
                 return
         self.metrics.add(self.tiers[index].name, "drops")
+        self._end_transit(key, index)
         self.on_change(key, self.where(key))
 
     def _convert(self, index: int, key: BlockKey, record: bytes) -> bytes | None:
@@ -115,6 +137,19 @@ class TierStack:
     # ---- reads ---------------------------------------------------------------------------------
     def get(self, key: BlockKey) -> tuple[bytes, str] | None:
         """Verified raw bytes and the name of the tier that served them, or None (a miss)."""
+        for _ in range(2):
+            landed = self._landed
+            found = self._scan(key)
+            if found is None:
+                found = self._get_in_transit(key)
+            if found is not None or self._landed == landed:
+                break
+        if found is None:
+            self.metrics.add("all", "misses")
+            self.on_change(key, self.where(key))
+        return found
+
+    def _scan(self, key: BlockKey) -> tuple[bytes, str] | None:
         for index, tier in enumerate(self.tiers):
             if not tier.contains(key) and not getattr(tier, "shared", False):
                 continue
@@ -131,21 +166,41 @@ class TierStack:
                 self.on_change(key, self.where(key))
                 continue
             self.metrics.observe(tier.name, "get", time.perf_counter() - start)
-            self.metrics.add(tier.name, "hits")
-            self.metrics.add(tier.name, "bytes_read", len(record))
+            self._count_hit(tier.name, len(record))
             if index > 0 and self.promote_on_hit:
                 if self._put_into(0, key, self.tiers[0].codec.encode(key, raw)):
                     self.metrics.add(tier.name, "promotions")
             return raw, tier.name
-        self.metrics.add("all", "misses")
-        self.on_change(key, self.where(key))
         return None
+
+    def _get_in_transit(self, key: BlockKey) -> tuple[bytes, str] | None:
+        """A block being demoted, served from the record in hand (in its source tier's format)."""
+        with self._transit_lock:
+            moving = self._transit.get(key)
+        if moving is None:
+            return None
+        tier = self.tiers[moving[0]]
+        try:
+            raw = tier.codec.decode(key, moving[1])
+        except CorruptBlockError as exc:
+            self.metrics.add(tier.name, "checksum_failures")
+            self._fail(tier, "corrupt", exc)
+            return None
+        self._count_hit(tier.name, len(moving[1]))
+        self.metrics.add(tier.name, "transit_hits")
+        return raw, tier.name
+
+    def _count_hit(self, tier: str, nbytes: int) -> None:
+        self.metrics.add(tier, "hits")
+        self.metrics.add(tier, "bytes_read", nbytes)
 
     def where(self, key: BlockKey) -> str | None:
         for tier in self.tiers:
             if tier.contains(key):
                 return tier.name
-        return None
+        with self._transit_lock:
+            moving = self._transit.get(key)
+        return self.tiers[moving[0]].name if moving is not None else None
 
     def lookup_prefix(self, keys: Sequence[BlockKey]) -> int:
         """Number of leading ``keys`` that some tier holds (a prefix needs every block)."""
