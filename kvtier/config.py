@@ -112,7 +112,9 @@ class ConnectorConfig:
 class AttentionConfig:
     capture: Literal["off", "proxy", "window"] = "proxy"
     window: int = 16
-    every_n_steps: int = 1
+    every_n_steps: int = 16  # decode steps between window samples (prefill steps are always sampled)
+    key_memory: Size = Size(256 << 20)  # exact keys kept for window scoring (kvtier/attention/keystore.py)
+    credit: Literal["block", "request"] = "request"  # a request's full blocks share their mean score
 
 
 @dataclass(frozen=True)

@@ -139,9 +139,9 @@ def run_layers(layers: dict[str, FakeLayer], meta: FakeMeta, q: torch.Tensor, k:
 
 def test_capture_scores_a_prefill_exactly_and_a_later_decode_from_summaries() -> None:
     layers = {"l0": FakeLayer(), "l1": FakeLayer()}
-    capture = AttentionCapture("window", window=4, every_n_steps=2, block_size=BS, num_blocks=16)
+    capture = AttentionCapture("window", window=4, every_n_steps=2, block_size=BS, num_blocks=16, credit="block")
     assert capture.install(layers, ["l0", "l1"]) == 2
-    q, k = qk(21, 21)
+    q, k = qk(22, 22)
     blocks = [5, 9, 2]
     # Step 0: a 20-token prefill into blocks 5, 9, 2 (the last one partial).
     run_layers(layers, step_meta([(blocks, 0, 20)]), q[:20], k[:20])
@@ -155,10 +155,77 @@ def test_capture_scores_a_prefill_exactly_and_a_later_decode_from_summaries() ->
     run_layers(layers, step_meta([(blocks, 20, 1)]), q[20:21], k[20:21])
     assert capture.end_step() == ({}, set())
     assert float(capture.layers["l0"].count[2]) == 5.0
-    # Step 2: decode is due; earlier blocks come from their summaries (a fallback, so only close).
-    run_layers(layers, step_meta([(blocks, 21, 1)]), q[20:21], k[20:21])
+    # Step 2: decode is due; earlier blocks' keys are still held exactly, so this matches a direct softmax.
+    run_layers(layers, step_meta([(blocks, 21, 1)]), q[21:22], k[21:22])
     scores, _ = capture.end_step()
-    assert set(scores) == set(blocks) and sum(scores.values()) == pytest.approx(3.0, rel=1e-4)
+    mass = direct_block_mass(q[21:22], torch.tensor([21]), k[:22], BS, SCALE).float()
+    assert [scores[b] for b in blocks] == pytest.approx(relative_scores(mass, torch.ones(3, dtype=torch.bool)).tolist(),
+                                                        rel=1e-3)
+    assert capture.counters["prior_blocks_exact"] == 3 and capture.counters["prior_blocks_summary"] == 0
+
+
+def test_without_key_memory_earlier_blocks_fall_back_to_summaries() -> None:
+    layers = {"l0": FakeLayer()}
+    capture = AttentionCapture("window", window=4, every_n_steps=1, block_size=BS, num_blocks=16, key_memory=0)
+    capture.install(layers, ["l0"])
+    q, k = qk(21, 21)
+    run_layers(layers, step_meta([([5, 9, 2], 0, 20)]), q[:20], k[:20])
+    capture.end_step()
+    run_layers(layers, step_meta([([5, 9, 2], 20, 1)]), q[20:21], k[20:21])
+    scores, _ = capture.end_step()
+    assert set(scores) == {5, 9, 2} and sum(scores.values()) == pytest.approx(3.0, rel=1e-4)
+    assert capture.counters["prior_blocks_summary"] == 3
+
+
+def test_request_credit_shares_the_mean_over_full_blocks_after_the_sink() -> None:
+    layers = {"l0": FakeLayer()}
+    capture = AttentionCapture("window", window=4, every_n_steps=1, block_size=BS, num_blocks=16)
+    capture.install(layers, ["l0"])
+    q, k = qk(30, 30)
+    run_layers(layers, step_meta([([5, 9, 2, 7], 0, 30)]), q, k)
+    scores, _ = capture.end_step()
+    own = relative_scores(direct_block_mass(q[26:], torch.arange(26, 30), k, BS, SCALE).float(),
+                          torch.ones(4, dtype=torch.bool)).tolist()
+    assert scores[5] == pytest.approx(own[0], rel=1e-4) and scores[7] == pytest.approx(own[3], rel=1e-4)
+    assert scores[9] == pytest.approx((own[1] + own[2]) / 2, rel=1e-4) == pytest.approx(scores[2], rel=1e-6)
+
+
+@pytest.mark.parametrize("key_memory", [0, 2 * 5 * 2 * BS * 2 * 16 * 4, 1 << 20])  # no / some / all keys held
+def test_batched_decode_scores_equal_scoring_one_request_at_a_time(key_memory: int) -> None:
+    """Decode requests in one step are scored in one batched pass; it must give what the per-request
+    path gives, with earlier blocks held exactly, summarised, partial and freshly started."""
+
+    def run(batch: bool) -> tuple[list[dict[int, float]], dict[str, float]]:
+        layers = {"l0": FakeLayer(), "l1": FakeLayer()}
+        capture = AttentionCapture("window", window=4, every_n_steps=1, block_size=BS, num_blocks=64,
+                                   key_memory=key_memory, credit="request")
+        capture.batch_decode = batch
+        capture.install(layers, list(layers))
+        reqs = [([1, 2, 3], 20), ([4, 5, 6, 7], 24), ([8, 9], 9), ([10], 3), ([11, 12, 13], 16)]
+        q, k = qk(40, 40)
+        for i, (blocks, n) in enumerate(reqs):  # prefills, one per step
+            run_layers(layers, step_meta([(blocks, 0, n)]), q[i:i + n], k[i:i + n])
+            capture.end_step()
+        steps = []
+        for step in range(3):  # decode steps: one new token per request
+            meta = step_meta([(blocks, n + step, 1) for blocks, n in reqs])
+            run_layers(layers, meta, q[30 + step:35 + step], k[30 + step:35 + step])
+            steps.append(capture.end_step()[0])
+        return steps, capture.counters
+
+    one_by_one, counters_one = run(batch=False)
+    batched, counters_batched = run(batch=True)
+    for expected, got in zip(one_by_one, batched, strict=True):
+        assert set(got) == set(expected)
+        assert [got[b] for b in sorted(got)] == pytest.approx([expected[b] for b in sorted(got)], rel=1e-4)
+    for name in ("prior_blocks_exact", "prior_blocks_summary", "sampled_requests"):
+        assert counters_batched[name] == counters_one[name], name
+    if key_memory == 0:
+        assert counters_one["prior_blocks_exact"] == 0
+    elif key_memory == 1 << 20:
+        assert counters_one["prior_blocks_summary"] == 0
+    else:
+        assert counters_one["prior_blocks_exact"] > 0 and counters_one["prior_blocks_summary"] > 0
 
 
 def test_capture_errors_disable_it_without_breaking_the_forward() -> None:
@@ -185,7 +252,7 @@ def key(i: int) -> bytes:
 
 
 def feed_with_blocks(stack: TierStack, nblocks: int) -> tuple[ScoreFeed, AttentionCapture, dict[str, FakeLayer]]:
-    feed = ScoreFeed(AttentionConfig(capture="window", window=4, every_n_steps=1), stack, BS, 64)
+    feed = ScoreFeed(AttentionConfig(capture="window", window=4, every_n_steps=1, credit="block"), stack, BS, 64)
     layers = {"l0": FakeLayer()}
     feed.install(layers, ["l0"])
     assert feed.capture is not None
@@ -225,9 +292,13 @@ def test_loads_restore_summaries_and_rewrites_forget_block_keys() -> None:
     run_layers(layers, step_meta([([3, 4], 0, 16)]), q, k)
     feed.on_step_end(KVTierMetadata(saves=[(key(1), 3), (key(2), 4)]), None)
     before = capture.layers["l0"].sum[3].clone()
-    # Later the same key is loaded into block 7: its summary follows the key; an unknown key starts empty.
+    # Later the same key is loaded into block 7: its summary and exact keys follow the key; an unknown key
+    # starts empty.
     feed.on_loads([LoadSpec("r", [key(1), key(5)], [7, 8])])
     assert torch.equal(capture.layers["l0"].sum[7], before) and float(capture.layers["l0"].count[8]) == 0.0
+    assert capture.exact is not None
+    held = capture.exact.get(0, 7, 8)
+    assert held is not None and torch.allclose(held.float(), k[:8]) and capture.exact.get(0, 8, 8) is None
     # Block 3 is rewritten at offset 0 by another request: it no longer holds key(1).
     run_layers(layers, step_meta([([3], 0, 2)]), q[:2], k[:2])
     feed.on_step_end(KVTierMetadata(), None)
@@ -261,3 +332,15 @@ def test_greedy_outputs_unchanged_with_window_capture(tmp_path: Path) -> None:
         assert turn["repeat_cached"] == full_blocks(turn["prompt_len"]), turn
     assert "attention capture mode window" in result["log"]
     assert "capture disabled" not in result["log"]
+
+
+def test_shuffled_control_keeps_the_values_but_not_the_assignment() -> None:
+    from kvtier.attention.controls import ShuffledScoresPolicy
+
+    policy = ShuffledScoresPolicy(protect_recent=0, default_score=0.0, shuffle_seed=3, clock=lambda: 0.0)
+    for i in range(40):
+        policy.on_insert(key(i), 10)
+    policy.update_scores({key(i): float(i) for i in range(40)})
+    got = sorted(policy.score(key(i)) for i in range(40))
+    assert set(got) <= {float(i) for i in range(40)}  # drawn from the reported values
+    assert [policy.score(key(i)) for i in range(40)] != [float(i) for i in range(40)]

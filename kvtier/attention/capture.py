@@ -12,7 +12,8 @@ keys seen in forward inputs (slot_mapping says which block and offset each token
 0 means the block was reallocated, so its summary restarts). Modes:
 
 - ``window``: for each sampled request, the last ``window`` queries computed this step attend to the keys
-  computed this step exactly and to earlier blocks through their summaries (see ``scores.py``).
+  computed this step and to earlier blocks' keys while the exact-key store holds them (``keystore.py``,
+  ``attention.key_memory``), exactly; other earlier blocks through their summaries (see ``scores.py``).
 - ``proxy``: query-free; each block's mean inverse key norm.
 
 A request is sampled in every step that computes more than one of its tokens (prefill, chunks) and, for
@@ -30,8 +31,10 @@ from typing import Any
 
 import torch
 
+from kvtier.attention.keystore import ExactKeys
 from kvtier.attention.scores import (
     BlockStats,
+    decode_block_mass,
     proxy_block_scores,
     relative_scores,
     window_block_mass,
@@ -67,10 +70,14 @@ class _LayerState:
 
 class AttentionCapture:
     def __init__(self, mode: str, window: int, every_n_steps: int, block_size: int,
-                 num_blocks: int | None = None, summary_bytes: int = 64 << 20) -> None:
+                 num_blocks: int | None = None, summary_bytes: int = 64 << 20, key_memory: int = 256 << 20,
+                 credit: str = "request") -> None:
         if mode not in ("window", "proxy"):
             raise ValueError(f"attention.capture: expected window or proxy, got {mode!r}")
+        if credit not in ("block", "request"):
+            raise ValueError(f"attention.credit: expected block or request, got {credit!r}")
         self.mode = mode
+        self.credit = credit
         self.window = max(1, int(window))
         self.every_n = max(1, int(every_n_steps))
         self.block_size = block_size
@@ -86,7 +93,12 @@ class AttentionCapture:
         self._saved: OrderedDict[bytes, tuple[float, torch.Tensor]] = OrderedDict()
         self._saved_bytes = 0
         self._summary_bytes = summary_bytes
-        self.counters: dict[str, float] = {"capture_time_s": 0.0, "sampled_requests": 0, "scored_blocks": 0}
+        self.counters: dict[str, float] = {"capture_time_s": 0.0, "sampled_requests": 0, "scored_blocks": 0,
+                                           "prior_blocks_exact": 0, "prior_blocks_summary": 0}
+        self.exact = ExactKeys(key_memory) if mode == "window" and key_memory > 0 else None
+        self._rows = torch.empty(0, dtype=torch.long)  # this step's exact-key row per written token
+        self._decode_cache: tuple[int, tuple[Any, ...]] | None = None  # this step's decode tables, all layers
+        self.batch_decode = True  # score sampled decode requests in one batched pass (False: one by one)
 
     # ---- installation ------------------------------------------------------------------------------
     def install(self, layers: Mapping[str, Any], names: Iterable[str]) -> int:
@@ -141,17 +153,26 @@ class AttentionCapture:
         if state is None:
             state = _LayerState(max(self.num_blocks, 1), keys.shape[1], keys.shape[2], keys.device)
             self.layers[name] = state
+            if self.exact is not None and len(self.layers) == 1:
+                self.exact.setup(len(self._order), self.block_size, keys.shape[1], keys.shape[2], key.dtype,
+                                 key.device)
         slots = md.slot_mapping[:total].long()
         valid = slots >= 0
         blocks = torch.where(valid, slots // self.block_size, torch.zeros_like(slots))
         top = int(blocks.max()) + 1
         if top > state.count.shape[0]:
             state.grow(max(top, 2 * state.count.shape[0]))
+        layer = self._order.index(name) if name in self._order else 0
+        if layer == 0 and self.exact is not None:  # rows for the blocks written this step, shared by all layers
+            self.exact.assign(dict.fromkeys(blocks[valid].tolist()))
+            self._rows = self.exact.rows_for(torch.where(valid, blocks, torch.full_like(blocks, -1)))
         qsl, lens = self._lists(md)
         block_table = md.block_table
         if self.mode == "window":
-            self._score_window(state, query, keys, qsl, lens, block_table, scale)
-        self._update(state, keys, blocks, slots, valid, name == self._order[0] if self._order else True)
+            self._score_window(state, layer, query, keys, qsl, lens, block_table, scale)
+        self._update(state, keys, blocks, slots, valid, layer == 0)
+        if self.exact is not None and self._rows.numel() == total:
+            self.exact.write(layer, self._rows, slots % self.block_size, keys)
         if self.mode == "proxy":
             self._score_proxy(state, qsl, lens, block_table)
 
@@ -163,23 +184,95 @@ class AttentionCapture:
             if n > 1 or (n == 1 and decode_due):
                 yield r, qsl[r], n, lens[r]
 
-    def _score_window(self, state: _LayerState, query: torch.Tensor, keys: torch.Tensor, qsl: list[int],
-                      lens: list[int], block_table: torch.Tensor, scale: float) -> None:
+    def _score_window(self, state: _LayerState, layer: int, query: torch.Tensor, keys: torch.Tensor,
+                      qsl: list[int], lens: list[int], block_table: torch.Tensor, scale: float) -> None:
         bs = self.block_size
-        for r, qs, n, seq_len in self._sampled(qsl, lens):
+        sampled = list(self._sampled(qsl, lens))
+        decode = [(r, qs, seq_len) for r, qs, n, seq_len in sampled if n == 1] if self.batch_decode else []
+        if decode:
+            self._score_decode(state, layer, query, keys, decode, block_table, scale)
+        for r, qs, n, seq_len in sampled:
+            if decode and n == 1:
+                continue
             first = seq_len - n
             prior_blocks = -(-first // bs)
             nb = -(-seq_len // bs)
             ids = block_table[r, :nb].long()
             prior = state.stats(ids[:prior_blocks])
-            w = min(self.window, n)
-            q_pos = torch.arange(seq_len - w, seq_len, device=query.device)
-            mass = window_block_mass(query[qs + n - w:qs + n], q_pos, keys[qs:qs + n], first, prior, bs, scale)
-            known = torch.ones(nb, dtype=torch.bool, device=mass.device)
-            known[:prior_blocks] = prior.count > 0
+            exact = torch.zeros(prior_blocks, dtype=torch.bool, device=keys.device)
+            seg_keys, seg_pos = [], []
+            if self.exact is not None:  # earlier blocks whose exact keys are still held
+                for j, (block_id, count) in enumerate(zip(ids[:prior_blocks].tolist(),
+                                                          prior.count.tolist(), strict=True)):
+                    held = self.exact.get(layer, block_id, int(count))
+                    if held is not None:
+                        exact[j] = True
+                        seg_keys.append(held.float())
+                        seg_pos.append(torch.arange(j * bs, j * bs + int(count), device=keys.device))
+            known = torch.ones(nb, dtype=torch.bool, device=keys.device)
+            known[:prior_blocks] = (prior.count > 0) | exact
             if first % bs:
                 known[prior_blocks - 1] = True  # partial block: its current-step tokens are exact
-            self._accumulate(ids, relative_scores(mass, known), known)
+            prior.count = torch.where(exact, torch.zeros_like(prior.count), prior.count)
+            if layer == 0:
+                self.counters["prior_blocks_exact"] += int(exact.sum())
+                self.counters["prior_blocks_summary"] += int((prior.count > 0).sum())
+            seg_keys.append(keys[qs:qs + n])
+            seg_pos.append(torch.arange(first, seq_len, device=keys.device))
+            w = min(self.window, n)
+            q_pos = torch.arange(seq_len - w, seq_len, device=query.device)
+            mass = window_block_mass(query[qs + n - w:qs + n], q_pos, torch.cat(seg_keys), torch.cat(seg_pos),
+                                     prior, bs, scale)
+            self._accumulate(ids.tolist(), relative_scores(mass, known).tolist(), known.tolist(), seq_len // bs)
+
+    def _decode_tables(self, state: _LayerState, decode: list[tuple[int, int, int]],
+                       block_table: torch.Tensor, device: torch.device) -> tuple[Any, ...]:
+        """Block ids, counts, exact-key rows and masks of this step's sampled decode requests; built at the
+        first layer and shared by the others (every layer saw the same tokens)."""
+        if self._decode_cache is not None and self._decode_cache[0] == self.step:
+            return self._decode_cache[1]
+        bs = self.block_size
+        lens = torch.tensor([seq_len for _, _, seq_len in decode], device=device)
+        width = int(-(-lens.max() // bs))
+        rows_sel = torch.tensor([r for r, _, _ in decode], device=block_table.device)
+        ids = block_table[rows_sel, :width].long().to(device)
+        pos = torch.arange(width, device=device)[None, :]
+        first = lens - 1  # one new token per request
+        prior_blocks = ((first + bs - 1) // bs)[:, None]
+        in_prior = pos < prior_blocks
+        count = torch.where(in_prior, state.count[ids], torch.zeros((), device=device))
+        rows = (self.exact.rows_for(ids.flatten()).view_as(ids) if self.exact is not None and self.exact.buf
+                is not None else torch.full_like(ids, -1))
+        exact = (rows >= 0) & (count > 0)
+        known = (pos < ((lens + bs - 1) // bs)[:, None]) & (~in_prior | (count > 0))
+        known |= (pos == prior_blocks - 1) & (first % bs != 0)[:, None]  # partial block: its new token is exact
+        at = exact.nonzero(as_tuple=True)
+        valid = torch.arange(bs, device=device)[None, :] < count[at][:, None]
+        qs = torch.tensor([qs for _, qs, _ in decode], device=device)
+        tables = (ids, rows, at, valid, torch.where(exact, torch.zeros((), device=device), count), known,
+                  first // bs, qs, (lens // bs).tolist(), (-(-lens // bs)).tolist())
+        self._decode_cache = (self.step, tables)
+        self.counters["prior_blocks_exact"] += int(exact.sum())
+        self.counters["prior_blocks_summary"] += int((tables[4] > 0).sum())
+        return tables
+
+    def _score_decode(self, state: _LayerState, layer: int, query: torch.Tensor, keys: torch.Tensor,
+                      decode: list[tuple[int, int, int]], block_table: torch.Tensor, scale: float) -> None:
+        """The window of sampled decode requests (one query each), batched: a few tensor ops per layer
+        whatever the batch size, instead of a few dozen per request."""
+        ids, rows, at, valid, count, known, cur_block, qs, full, nb = self._decode_tables(
+            state, decode, block_table, keys.device)
+        stats = state.stats(ids.flatten())
+        shape = (*ids.shape, *stats.mean.shape[1:])
+        held = (self.exact.buf[layer, rows[at]] if self.exact is not None and self.exact.buf is not None
+                and at[0].numel() else keys.new_zeros(0, self.block_size, *keys.shape[1:]))
+        mass = decode_block_mass(query[qs], keys[qs], cur_block, held, at, valid,
+                                 BlockStats(count, stats.mean.view(shape), stats.var.view(shape)), scale)
+        total = (mass * known).sum(1, keepdim=True)
+        rel = torch.where(known & (total > 0), mass * known.sum(1, keepdim=True) / total.clamp_min(1e-30),
+                          torch.zeros_like(mass))
+        for i, (block_ids, values, ok) in enumerate(zip(ids.tolist(), rel.tolist(), known.tolist(), strict=True)):
+            self._accumulate(block_ids[:nb[i]], values[:nb[i]], ok[:nb[i]], full[i])
 
     def _score_proxy(self, state: _LayerState, qsl: list[int], lens: list[int], block_table: torch.Tensor) -> None:
         for r, _, _, seq_len in self._sampled(qsl, lens):
@@ -187,12 +280,21 @@ class AttentionCapture:
             count = state.count[ids]
             inv = state.inv[ids].sum(1) / (count.clamp_min(1.0) * state.inv.shape[1])
             known = count > 0
-            self._accumulate(ids, proxy_block_scores(inv, known), known)
+            self._accumulate(ids.tolist(), proxy_block_scores(inv, known).tolist(), known.tolist(),
+                             seq_len // self.block_size)
 
-    def _accumulate(self, ids: torch.Tensor, scores: torch.Tensor, known: torch.Tensor) -> None:
+    def _accumulate(self, ids: list[int], values: list[float], ok: list[bool], full: int) -> None:
+        """Add one request's block scores to this step's. With ``credit == "request"`` the request's full
+        blocks after the first share their mean score: a hit needs the whole prefix, so they live or die
+        together, and which of them a question happened to look at says little about the prefix's worth;
+        the first block (the sink) and the partial last block keep their own."""
         self.counters["sampled_requests"] += 1
-        for block_id, score, ok in zip(ids.tolist(), scores.tolist(), known.tolist(), strict=True):
-            if ok:
+        if self.credit == "request" and full > 1:
+            pooled = [v for v, k in zip(values[1:full], ok[1:full], strict=True) if k]
+            if pooled:
+                values[1:full] = [sum(pooled) / len(pooled)] * (full - 1)
+        for block_id, score, good in zip(ids, values, ok, strict=True):
+            if good:
                 self._step_sum[block_id] = self._step_sum.get(block_id, 0.0) + score
                 self._step_obs[block_id] = self._step_obs.get(block_id, 0) + 1
 
@@ -231,6 +333,8 @@ class AttentionCapture:
         for key, block_id in pairs:
             if block_id >= states[0].count.shape[0]:
                 continue
+            if self.exact is not None:
+                self.exact.remember(key, block_id, int(states[0].count[block_id]))
             rows = torch.stack([torch.cat([s.sum[block_id], s.sumsq[block_id], s.inv[block_id][:, None]], 1)
                                 for s in states]).cpu()
             old = self._saved.pop(key, None)
@@ -251,6 +355,8 @@ class AttentionCapture:
                 for s in states:
                     s.grow(max(block_id + 1, 2 * s.count.shape[0]))
             saved = self._saved.get(key)
+            if self.exact is not None:
+                self.exact.restore(key, block_id)
             for i, s in enumerate(states):
                 if saved is None:
                     s.count[block_id] = 0.0

@@ -40,7 +40,8 @@ class ScoreFeed:
         self._block_keys: dict[int, bytes] = {}
         self.mode = cfg.capture
         if cfg.capture != "off" and block_size:
-            self.capture = AttentionCapture(cfg.capture, cfg.window, cfg.every_n_steps, block_size, num_blocks)
+            self.capture = AttentionCapture(cfg.capture, cfg.window, cfg.every_n_steps, block_size, num_blocks,
+                                            key_memory=cfg.key_memory, credit=cfg.credit)
 
     @staticmethod
     def create(cfg: AttentionConfig, stack: TierStack, block_size: int | None,
@@ -68,8 +69,9 @@ class ScoreFeed:
             return
         how = (f"SnapKV-style window of the last {self.capture.window} queries" if self.mode == "window"
                else "query-free key-norm proxy")
-        log.info("kvtier: attention capture mode %s (%s) on %d layers, decode sampled every %d steps",
-                 self.mode, how, count, self.capture.every_n)
+        log.info("kvtier: attention capture mode %s (%s) on %d layers, decode sampled every %d steps, "
+                 "exact keys for up to %d live blocks", self.mode, how, count, self.capture.every_n,
+                 self.capture.exact.rows if self.capture.exact is not None else 0)
 
     def on_loads(self, loads: Sequence[LoadSpec]) -> None:
         for spec in loads:

@@ -4,8 +4,8 @@ SnapKV-style observation: the last ``w`` query positions of a request (its *wind
 request's keys; the softmax probabilities ``softmax(q·K^T * scale)`` are summed over query heads and window
 positions and then over the tokens of each block. Keys come from two sources:
 
-- *exact* keys: those computed in this step (seen in the attention layer's forward inputs), causal-masked
-  against the window positions;
+- *exact* keys: those computed in this step (seen in the attention layer's forward inputs) and those of
+  earlier blocks the capture still holds, causal-masked against the window positions;
 - *block summaries* for earlier positions (computed in earlier steps, or loaded): per block, the count ``n``,
   mean ``mu`` and per-dimension variance ``var`` of its keys. Under a Gaussian model of the block's keys the
   block's total unnormalised attention for a query ``q`` is ``n * exp(s*q·mu + s^2/2 * sum_i q_i^2 var_i)``
@@ -22,6 +22,7 @@ import torch
 
 __all__ = [
     "BlockStats",
+    "decode_block_mass",
     "direct_block_mass",
     "proxy_block_scores",
     "relative_scores",
@@ -71,36 +72,34 @@ def _expand_kv(x: torch.Tensor, num_heads: int, head_axis: int) -> torch.Tensor:
     return x.repeat_interleave(group, dim=head_axis) if group > 1 else x
 
 
-def window_block_mass(q: torch.Tensor, q_pos: torch.Tensor, keys: torch.Tensor, first_pos: int,
+def window_block_mass(q: torch.Tensor, q_pos: torch.Tensor, keys: torch.Tensor, key_pos: torch.Tensor | int,
                       prior: BlockStats, block_size: int, scale: float,
                       var_cap: float = VAR_CAP) -> torch.Tensor:
     """Attention mass per block of one request, summed over query heads and window positions.
 
-    ``q [w, Hq, d]`` at absolute positions ``q_pos [w]``; ``keys [n, Hkv, d]`` at positions
-    ``first_pos .. first_pos+n-1``; ``prior`` summarises the keys before ``first_pos``, one entry per block
-    ``0 .. len(prior)-1`` (the last one may be partial and continue into ``keys``). Returns ``[nb]`` with
-    ``nb = ceil((first_pos + n) / block_size)``; it sums to ``Hq * w`` unless every key is unknown.
+    ``q [w, Hq, d]`` at absolute positions ``q_pos [w]``; exact ``keys [n, Hkv, d]`` at absolute positions
+    ``key_pos [n]`` (any order; an int ``p`` means ``p .. p+n-1``); ``prior`` summarises blocks ``0 ..
+    len(prior)-1`` whose keys are not among ``keys`` (``count`` 0 for a block that is unknown or given
+    exactly). Returns ``[nb]``, ``nb`` covering both; it sums to ``Hq * w`` unless every key is unknown.
     """
     hq = q.shape[1]
     n = keys.shape[0]
     q32 = q.float()
-    nb = -(-(first_pos + n) // block_size)
-    parts: list[torch.Tensor] = []
-    if n:
-        k = _expand_kv(keys.float(), hq, 1)  # [n, Hq, d]
-        logits = torch.einsum("whd,nhd->hwn", q32, k) * scale
-        k_pos = torch.arange(first_pos, first_pos + n, device=q.device)
-        logits = logits.masked_fill(k_pos[None, None, :] > q_pos[None, :, None], float("-inf"))
-        parts.append(logits)
+    if isinstance(key_pos, int):
+        key_pos = torch.arange(key_pos, key_pos + n, device=q.device)
     j = len(prior)
+    nb = max(j, (int(key_pos.max()) // block_size + 1) if n else 0)
+    parts: list[torch.Tensor] = []
     if j:
         mu = _expand_kv(prior.mean, hq, 1)  # [J, Hq, d]
         var = _expand_kv(prior.var, hq, 1)
         lin = torch.einsum("whd,jhd->hwj", q32, mu) * scale
         quad = (torch.einsum("whd,jhd->hwj", q32 * q32, var) * (0.5 * scale * scale)).clamp(max=var_cap)
-        log_n = torch.where(prior.count > 0, prior.count.clamp_min(1e-30).log(),
-                            torch.full_like(prior.count, float("-inf")))
-        parts.insert(0, lin + quad + log_n[None, None, :])
+        parts.append(lin + quad + _log_count(prior.count)[None, None, :])
+    if n:
+        k = _expand_kv(keys.float(), hq, 1)  # [n, Hq, d]
+        logits = torch.einsum("whd,nhd->hwn", q32, k) * scale
+        parts.append(logits.masked_fill(key_pos[None, None, :] > q_pos[None, :, None], float("-inf")))
     out = torch.zeros(nb, device=q.device)
     if not parts:
         return out
@@ -110,9 +109,47 @@ def window_block_mass(q: torch.Tensor, q_pos: torch.Tensor, keys: torch.Tensor, 
     if j:
         out[:j] += probs[:j]
     if n:
-        blocks = torch.arange(first_pos, first_pos + n, device=q.device) // block_size
-        out.index_add_(0, blocks, probs[j:])
+        out.index_add_(0, key_pos // block_size, probs[j:])
     return out
+
+
+def _log_count(count: torch.Tensor) -> torch.Tensor:
+    return torch.where(count > 0, count.clamp_min(1e-30).log(), torch.full_like(count, float("-inf")))
+
+
+def decode_block_mass(q: torch.Tensor, cur_key: torch.Tensor, cur_block: torch.Tensor, exact_keys: torch.Tensor,
+                      exact_at: tuple[torch.Tensor, torch.Tensor], exact_valid: torch.Tensor, prior: BlockStats,
+                      scale: float, var_cap: float = VAR_CAP) -> torch.Tensor:
+    """``window_block_mass`` for a batch of ``R`` requests with one query each (a decode step), in one pass.
+
+    ``q [R, Hq, d]``; the key computed this step ``cur_key [R, Hkv, d]`` lies in block ``cur_block [R]``;
+    ``exact_keys [M, bs, Hkv, d]`` are held keys of earlier blocks at (request, block) ``exact_at`` with
+    ``exact_valid [M, bs]`` marking filled positions; ``prior`` summarises earlier blocks per request, shaped
+    ``count [R, J]``, ``mean``/``var [R, J, Hkv, d]`` (``count`` 0 where a block is unknown or held exactly).
+    Every earlier key precedes the query, so nothing is causally masked. Returns ``[R, J]`` (``J`` covers
+    ``cur_block``); each row sums to ``Hq`` unless all its keys are unknown.
+    """
+    r, hq, _ = q.shape
+    j, bs = prior.count.shape[1], exact_keys.shape[1]
+    q32 = q.float()
+    neg = float("-inf")
+    held = torch.full((r, hq, j, bs), neg, device=q.device)
+    if exact_keys.shape[0]:
+        rows, blocks = exact_at
+        k = _expand_kv(exact_keys.float(), hq, 2)  # [M, bs, Hq, d]
+        logits = torch.einsum("mhd,mthd->mht", q32[rows], k) * scale
+        held[rows, :, blocks] = logits.masked_fill(~exact_valid[:, None, :], neg)
+    mu, var = _expand_kv(prior.mean, hq, 2), _expand_kv(prior.var, hq, 2)  # [R, J, Hq, d]
+    summary = (torch.einsum("rhd,rjhd->rhj", q32, mu) * scale
+               + (torch.einsum("rhd,rjhd->rhj", q32 * q32, var) * (0.5 * scale * scale)).clamp(max=var_cap)
+               + _log_count(prior.count)[:, None, :])
+    current = (q32 * _expand_kv(cur_key.float(), hq, 1)).sum(-1, keepdim=True) * scale  # [R, Hq, 1]
+    logits = torch.cat([held.view(r, hq, j * bs), summary, current], dim=2)
+    lse = torch.logsumexp(logits, dim=2, keepdim=True)
+    probs = torch.where(torch.isfinite(lse), (logits - lse).exp(), torch.zeros_like(logits)).sum(1)  # [R, .]
+    mass = probs[:, :j * bs].view(r, j, bs).sum(2) + probs[:, j * bs:j * bs + j]
+    mass.scatter_add_(1, cur_block.view(r, 1), probs[:, -1:])
+    return mass
 
 
 def direct_block_mass(q: torch.Tensor, q_pos: torch.Tensor, keys: torch.Tensor, block_size: int,
