@@ -110,7 +110,7 @@ class ConnectorConfig:
 
 @dataclass(frozen=True)
 class AttentionConfig:
-    capture: Literal["off", "proxy", "window"] = "proxy"
+    capture: Literal["off", "proxy", "window"] = "window"
     window: int = 16
     every_n_steps: int = 16  # decode steps between window samples (prefill steps are always sampled)
     key_memory: Size = Size(256 << 20)  # exact keys kept for window scoring (kvtier/attention/keystore.py)
