@@ -68,6 +68,17 @@ class _LayerState:
         return BlockStats(count, mean, var)
 
 
+class _StepTokens:
+    """This step's written tokens: the valid-slot mask, their blocks, the blocks restarted at offset 0 and,
+    with an exact-key store, which tokens have a row (``held``) with those rows and offsets."""
+
+    def __init__(self, valid: torch.Tensor, all_valid: bool, blocks: torch.Tensor, top: int,
+                 restart: torch.Tensor | None) -> None:
+        self.valid, self.all_valid, self.blocks, self.top, self.restart = valid, all_valid, blocks, top, restart
+        self.held: torch.Tensor | None = None
+        self.rows = self.held_offsets = blocks
+
+
 class AttentionCapture:
     def __init__(self, mode: str, window: int, every_n_steps: int, block_size: int,
                  num_blocks: int | None = None, summary_bytes: int = 64 << 20, key_memory: int = 256 << 20,
@@ -96,7 +107,7 @@ class AttentionCapture:
         self.counters: dict[str, float] = {"capture_time_s": 0.0, "sampled_requests": 0, "scored_blocks": 0,
                                            "prior_blocks_exact": 0, "prior_blocks_summary": 0}
         self.exact = ExactKeys(key_memory) if mode == "window" and key_memory > 0 else None
-        self._rows = torch.empty(0, dtype=torch.long)  # this step's exact-key row per written token
+        self._tokens_cache: tuple[int, Any, _StepTokens] | None = None
         self._decode_cache: tuple[int, tuple[Any, ...]] | None = None  # this step's decode tables, all layers
         self.batch_decode = True  # score sampled decode requests in one batched pass (False: one by one)
 
@@ -156,25 +167,45 @@ class AttentionCapture:
             if self.exact is not None and len(self.layers) == 1:
                 self.exact.setup(len(self._order), self.block_size, keys.shape[1], keys.shape[2], key.dtype,
                                  key.device)
-        slots = md.slot_mapping[:total].long()
-        valid = slots >= 0
-        blocks = torch.where(valid, slots // self.block_size, torch.zeros_like(slots))
-        top = int(blocks.max()) + 1
-        if top > state.count.shape[0]:
-            state.grow(max(top, 2 * state.count.shape[0]))
+        tokens = self._step_tokens(md, total)
+        if tokens.top > state.count.shape[0]:
+            state.grow(max(tokens.top, 2 * state.count.shape[0]))
         layer = self._order.index(name) if name in self._order else 0
-        if layer == 0 and self.exact is not None:  # rows for the blocks written this step, shared by all layers
-            self.exact.assign(dict.fromkeys(blocks[valid].tolist()))
-            self._rows = self.exact.rows_for(torch.where(valid, blocks, torch.full_like(blocks, -1)))
         qsl, lens = self._lists(md)
         block_table = md.block_table
         if self.mode == "window":
             self._score_window(state, layer, query, keys, qsl, lens, block_table, scale)
-        self._update(state, keys, blocks, slots, valid, layer == 0)
-        if self.exact is not None and self._rows.numel() == total:
-            self.exact.write(layer, self._rows, slots % self.block_size, keys)
+        written = keys if tokens.all_valid else keys[tokens.valid]
+        self._update(state, written, tokens)
+        if self.exact is not None and self.exact.buf is not None and tokens.held is not None:
+            self.exact.buf[layer, tokens.rows, tokens.held_offsets] = written[tokens.held].to(self.exact.buf.dtype)
         if self.mode == "proxy":
             self._score_proxy(state, qsl, lens, block_table)
+
+    def _step_tokens(self, md: Any, total: int) -> _StepTokens:
+        """Where this step's tokens were written (block, offset, exact-key row), worked out once per step and
+        shared by every layer; blocks written at offset 0 were reallocated, so their summaries restart."""
+        cached = self._tokens_cache
+        if cached is not None and cached[0] == self.step and cached[1] is md:
+            return cached[2]
+        slots = md.slot_mapping[:total].long()
+        valid = slots >= 0
+        all_valid = bool(valid.all())
+        if not all_valid:
+            slots = slots[valid]
+        blocks, offsets = slots // self.block_size, slots % self.block_size
+        restart = blocks[offsets == 0]
+        restarted = restart.tolist()
+        self._rewritten.update(restarted)
+        tokens = _StepTokens(valid, all_valid, blocks, int(blocks.max()) + 1 if blocks.numel() else 0,
+                             restart if restarted else None)
+        if self.exact is not None and self.exact.buf is not None:
+            self.exact.assign(dict.fromkeys(blocks.tolist()))
+            rows = self.exact.rows_for(blocks)
+            held = rows >= 0
+            tokens.held, tokens.rows, tokens.held_offsets = held, rows[held], offsets[held]
+        self._tokens_cache = (self.step, md, tokens)
+        return tokens
 
     def _sampled(self, qsl: list[int], lens: list[int]) -> Iterable[tuple[int, int, int, int]]:
         """(request row, first query token, query count, seq len) for the requests sampled this step."""
@@ -298,22 +329,18 @@ class AttentionCapture:
                 self._step_sum[block_id] = self._step_sum.get(block_id, 0.0) + score
                 self._step_obs[block_id] = self._step_obs.get(block_id, 0) + 1
 
-    def _update(self, state: _LayerState, keys: torch.Tensor, blocks: torch.Tensor, slots: torch.Tensor,
-                valid: torch.Tensor, first_layer: bool) -> None:
-        """Fold this step's keys into the block summaries; a write at offset 0 restarts the block."""
-        restart = blocks[valid & (slots % self.block_size == 0)]
-        if restart.numel():
-            state.count[restart] = 0.0
-            state.sum[restart] = 0.0
-            state.sumsq[restart] = 0.0
-            state.inv[restart] = 0.0
-            if first_layer:
-                self._rewritten.update(restart.tolist())
-        b, k = blocks[valid], keys[valid]
+    def _update(self, state: _LayerState, keys: torch.Tensor, tokens: _StepTokens) -> None:
+        """Fold this step's (valid) keys into the block summaries; restarted blocks begin from zero."""
+        if tokens.restart is not None:
+            state.count[tokens.restart] = 0.0
+            state.sum[tokens.restart] = 0.0
+            state.sumsq[tokens.restart] = 0.0
+            state.inv[tokens.restart] = 0.0
+        b = tokens.blocks
         state.count.index_add_(0, b, torch.ones_like(b, dtype=state.count.dtype))
-        state.sum.index_add_(0, b, k)
-        state.sumsq.index_add_(0, b, k * k)
-        state.inv.index_add_(0, b, 1.0 / k.norm(dim=-1).clamp_min(1e-6))
+        state.sum.index_add_(0, b, keys)
+        state.sumsq.index_add_(0, b, keys * keys)
+        state.inv.index_add_(0, b, 1.0 / keys.norm(dim=-1).clamp_min(1e-6))
 
     # ---- step boundary and block identity ----------------------------------------------------------
     def end_step(self) -> tuple[dict[int, float], set[int]]:
