@@ -39,44 +39,9 @@ from kvtier.attention.scores import (
     relative_scores,
     window_block_mass,
 )
+from kvtier.attention.summaries import LayerState, StepTokens, Summaries
 
 log = logging.getLogger("kvtier.attention")
-
-
-class _LayerState:
-    """Per-layer running key summaries, one row per vLLM block id."""
-
-    def __init__(self, num_blocks: int, num_kv_heads: int, head_dim: int, device: torch.device) -> None:
-        self.count = torch.zeros(num_blocks, device=device)
-        self.sum = torch.zeros(num_blocks, num_kv_heads, head_dim, device=device)
-        self.sumsq = torch.zeros_like(self.sum)
-        self.inv = torch.zeros(num_blocks, num_kv_heads, device=device)
-
-    def grow(self, num_blocks: int) -> None:
-        extra = num_blocks - self.count.shape[0]
-        if extra > 0:
-            self.count = torch.cat([self.count, self.count.new_zeros(extra)])
-            self.sum = torch.cat([self.sum, self.sum.new_zeros(extra, *self.sum.shape[1:])])
-            self.sumsq = torch.cat([self.sumsq, self.sumsq.new_zeros(extra, *self.sumsq.shape[1:])])
-            self.inv = torch.cat([self.inv, self.inv.new_zeros(extra, *self.inv.shape[1:])])
-
-    def stats(self, block_ids: torch.Tensor) -> BlockStats:
-        count = self.count[block_ids]
-        denom = count.clamp_min(1.0)[:, None, None]
-        mean = self.sum[block_ids] / denom
-        var = (self.sumsq[block_ids] / denom - mean * mean).clamp_min(0.0)
-        return BlockStats(count, mean, var)
-
-
-class _StepTokens:
-    """This step's written tokens: the valid-slot mask, their blocks, the blocks restarted at offset 0 and,
-    with an exact-key store, which tokens have a row (``held``) with those rows and offsets."""
-
-    def __init__(self, valid: torch.Tensor, all_valid: bool, blocks: torch.Tensor, top: int,
-                 restart: torch.Tensor | None) -> None:
-        self.valid, self.all_valid, self.blocks, self.top, self.restart = valid, all_valid, blocks, top, restart
-        self.held: torch.Tensor | None = None
-        self.rows = self.held_offsets = blocks
 
 
 class AttentionCapture:
@@ -95,7 +60,7 @@ class AttentionCapture:
         self.num_blocks = num_blocks or 0
         self.enabled = True
         self.step = 0
-        self.layers: dict[str, _LayerState] = {}
+        self.layers: dict[str, LayerState] = {}
         self._order: list[str] = []
         self._step_sum: dict[int, float] = {}
         self._step_obs: dict[int, int] = {}
@@ -107,7 +72,11 @@ class AttentionCapture:
         self.counters: dict[str, float] = {"capture_time_s": 0.0, "sampled_requests": 0, "scored_blocks": 0,
                                            "prior_blocks_exact": 0, "prior_blocks_summary": 0}
         self.exact = ExactKeys(key_memory) if mode == "window" and key_memory > 0 else None
-        self._tokens_cache: tuple[int, Any, _StepTokens] | None = None
+        self._tokens_cache: tuple[int, Any, StepTokens] | None = None
+        self._store: Summaries | None = None
+        # window mode folds a step's keys into the summaries once, for all layers, when the step is over
+        self._pending: list[tuple[int, torch.Tensor]] = []
+        self._pending_tokens: StepTokens | None = None
         self._decode_cache: tuple[int, tuple[Any, ...]] | None = None  # this step's decode tables, all layers
         self.batch_decode = True  # score sampled decode requests in one batched pass (False: one by one)
 
@@ -160,29 +129,36 @@ class AttentionCapture:
         if total <= 0:
             return
         keys = key[:total].float()
-        state = self.layers.get(name)
-        if state is None:
-            state = _LayerState(max(self.num_blocks, 1), keys.shape[1], keys.shape[2], keys.device)
-            self.layers[name] = state
-            if self.exact is not None and len(self.layers) == 1:
+        cached = self._tokens_cache
+        if self._pending and not (cached is not None and cached[0] == self.step and cached[1] is md):
+            self._flush()  # a new step began without end_step
+        if self._store is None:
+            self._store = Summaries(max(len(self._order), 1), max(self.num_blocks, 1), keys.shape[1],
+                                     keys.shape[2], keys.device)
+            if self.exact is not None:
                 self.exact.setup(len(self._order), self.block_size, keys.shape[1], keys.shape[2], key.dtype,
                                  key.device)
-        tokens = self._step_tokens(md, total)
-        if tokens.top > state.count.shape[0]:
-            state.grow(max(tokens.top, 2 * state.count.shape[0]))
         layer = self._order.index(name) if name in self._order else 0
+        state = self.layers.get(name)
+        if state is None:
+            state = self.layers[name] = LayerState(self._store, layer)
+        tokens = self._step_tokens(md, total)
+        if tokens.top > self._store.count.shape[0]:
+            self._store.grow(max(tokens.top, 2 * self._store.count.shape[0]))
         qsl, lens = self._lists(md)
         block_table = md.block_table
+        written = keys if tokens.all_valid else keys[tokens.valid]
+        if written.shape[0] != tokens.blocks.shape[0]:
+            raise ValueError(f"slot_mapping covers {tokens.blocks.shape[0]} tokens, the step computed {total}")
         if self.mode == "window":
             self._score_window(state, layer, query, keys, qsl, lens, block_table, scale)
-        written = keys if tokens.all_valid else keys[tokens.valid]
-        self._update(state, written, tokens)
-        if self.exact is not None and self.exact.buf is not None and tokens.held is not None:
-            self.exact.buf[layer, tokens.rows, tokens.held_offsets] = written[tokens.held].to(self.exact.buf.dtype)
-        if self.mode == "proxy":
+            self._pending.append((layer, written))
+            self._pending_tokens = tokens
+        else:  # the proxy reads this step's keys: fold them in now
+            self._fold([layer], written[None], tokens)
             self._score_proxy(state, qsl, lens, block_table)
 
-    def _step_tokens(self, md: Any, total: int) -> _StepTokens:
+    def _step_tokens(self, md: Any, total: int) -> StepTokens:
         """Where this step's tokens were written (block, offset, exact-key row), worked out once per step and
         shared by every layer; blocks written at offset 0 were reallocated, so their summaries restart."""
         cached = self._tokens_cache
@@ -197,7 +173,7 @@ class AttentionCapture:
         restart = blocks[offsets == 0]
         restarted = restart.tolist()
         self._rewritten.update(restarted)
-        tokens = _StepTokens(valid, all_valid, blocks, int(blocks.max()) + 1 if blocks.numel() else 0,
+        tokens = StepTokens(valid, all_valid, blocks, int(blocks.max()) + 1 if blocks.numel() else 0,
                              restart if restarted else None)
         if self.exact is not None and self.exact.buf is not None:
             self.exact.assign(dict.fromkeys(blocks.tolist()))
@@ -215,7 +191,7 @@ class AttentionCapture:
             if n > 1 or (n == 1 and decode_due):
                 yield r, qsl[r], n, lens[r]
 
-    def _score_window(self, state: _LayerState, layer: int, query: torch.Tensor, keys: torch.Tensor,
+    def _score_window(self, state: LayerState, layer: int, query: torch.Tensor, keys: torch.Tensor,
                       qsl: list[int], lens: list[int], block_table: torch.Tensor, scale: float) -> None:
         bs = self.block_size
         sampled = list(self._sampled(qsl, lens))
@@ -256,7 +232,7 @@ class AttentionCapture:
                                      prior, bs, scale)
             self._accumulate(ids.tolist(), relative_scores(mass, known).tolist(), known.tolist(), seq_len // bs)
 
-    def _decode_tables(self, state: _LayerState, decode: list[tuple[int, int, int]],
+    def _decode_tables(self, state: LayerState, decode: list[tuple[int, int, int]],
                        block_table: torch.Tensor, device: torch.device) -> tuple[Any, ...]:
         """Block ids, counts, exact-key rows and masks of this step's sampled decode requests; built at the
         first layer and shared by the others (every layer saw the same tokens)."""
@@ -287,7 +263,7 @@ class AttentionCapture:
         self.counters["prior_blocks_summary"] += int((tables[4] > 0).sum())
         return tables
 
-    def _score_decode(self, state: _LayerState, layer: int, query: torch.Tensor, keys: torch.Tensor,
+    def _score_decode(self, state: LayerState, layer: int, query: torch.Tensor, keys: torch.Tensor,
                       decode: list[tuple[int, int, int]], block_table: torch.Tensor, scale: float) -> None:
         """The window of sampled decode requests (one query each), batched: a few tensor ops per layer
         whatever the batch size, instead of a few dozen per request."""
@@ -305,7 +281,7 @@ class AttentionCapture:
         for i, (block_ids, values, ok) in enumerate(zip(ids.tolist(), rel.tolist(), known.tolist(), strict=True)):
             self._accumulate(block_ids[:nb[i]], values[:nb[i]], ok[:nb[i]], full[i])
 
-    def _score_proxy(self, state: _LayerState, qsl: list[int], lens: list[int], block_table: torch.Tensor) -> None:
+    def _score_proxy(self, state: LayerState, qsl: list[int], lens: list[int], block_table: torch.Tensor) -> None:
         for r, _, _, seq_len in self._sampled(qsl, lens):
             ids = block_table[r, :-(-seq_len // self.block_size)].long()
             count = state.count[ids]
@@ -329,22 +305,54 @@ class AttentionCapture:
                 self._step_sum[block_id] = self._step_sum.get(block_id, 0.0) + score
                 self._step_obs[block_id] = self._step_obs.get(block_id, 0) + 1
 
-    def _update(self, state: _LayerState, keys: torch.Tensor, tokens: _StepTokens) -> None:
-        """Fold this step's (valid) keys into the block summaries; restarted blocks begin from zero."""
-        if tokens.restart is not None:
-            state.count[tokens.restart] = 0.0
-            state.sum[tokens.restart] = 0.0
-            state.sumsq[tokens.restart] = 0.0
-            state.inv[tokens.restart] = 0.0
-        b = tokens.blocks
-        state.count.index_add_(0, b, torch.ones_like(b, dtype=state.count.dtype))
-        state.sum.index_add_(0, b, keys)
-        state.sumsq.index_add_(0, b, keys * keys)
-        state.inv.index_add_(0, b, 1.0 / keys.norm(dim=-1).clamp_min(1e-6))
+    def _flush(self) -> None:
+        pending, tokens = self._pending, self._pending_tokens
+        self._pending, self._pending_tokens = [], None
+        if not pending or tokens is None:
+            return
+        start = time.perf_counter()
+        try:
+            with torch.no_grad():
+                self._fold([layer for layer, _ in pending], torch.stack([k for _, k in pending]), tokens)
+        except Exception:  # like a failing hook: capture goes off, vLLM carries on
+            self.enabled = False
+            log.exception("kvtier: attention capture failed folding a step's keys; capture disabled")
+        self.counters["capture_time_s"] += time.perf_counter() - start
+
+    def _fold(self, layers: list[int], keys: torch.Tensor, tokens: StepTokens) -> None:
+        """Fold a step's valid keys ``[len(layers), T, Hkv, d]`` into the summaries and the exact-key rows;
+        blocks restarted at offset 0 begin from zero. All layers at once when ``layers`` is all of them."""
+        store, b, restart = self._store, tokens.blocks, tokens.restart
+        assert store is not None
+        if not tokens.counted:
+            tokens.counted = True
+            if restart is not None:
+                store.count[restart] = 0.0
+            store.count.index_add_(0, b, torch.ones_like(b, dtype=store.count.dtype))
+        inv = 1.0 / keys.norm(dim=-1).clamp_min(1e-6)
+        buf = self.exact.buf if self.exact is not None else None
+        targets: list[tuple[Any, torch.Tensor, torch.Tensor]]
+        if layers == list(range(store.sum.shape[0])):
+            targets = [(slice(None), keys, inv)]
+        else:
+            targets = [(layer, keys[i], inv[i]) for i, layer in enumerate(layers)]
+        for at, k, i in targets:
+            dim = 1 if isinstance(at, slice) else 0
+            summary = [store.sum[at], store.sumsq[at], store.inv[at]]
+            if restart is not None:
+                for t in summary:
+                    t.index_fill_(dim, restart, 0.0)
+            summary[0].index_add_(dim, b, k)
+            summary[1].index_add_(dim, b, k * k)
+            summary[2].index_add_(dim, b, i)
+            if buf is not None and tokens.held is not None:
+                held = k[:, tokens.held] if dim else k[tokens.held]
+                buf[at, tokens.rows, tokens.held_offsets] = held.to(buf.dtype)
 
     # ---- step boundary and block identity ----------------------------------------------------------
     def end_step(self) -> tuple[dict[int, float], set[int]]:
         """This step's scores by block id (averaged over layer observations) and block ids restarted."""
+        self._flush()
         scores = {b: s / self._step_obs[b] for b, s in self._step_sum.items()}
         rewritten = self._rewritten
         self._step_sum, self._step_obs, self._rewritten = {}, {}, set()
@@ -354,44 +362,45 @@ class AttentionCapture:
 
     def remember(self, pairs: Sequence[tuple[bytes, int]]) -> None:
         """Keep the summaries of saved blocks by key, so a later load into another block id restores them."""
-        if not self.layers or not pairs:
+        self._flush()
+        store = self._store
+        if store is None or not pairs:
             return
-        states = [self.layers[n] for n in self._order if n in self.layers]
         for key, block_id in pairs:
-            if block_id >= states[0].count.shape[0]:
+            if block_id >= store.count.shape[0]:
                 continue
+            count = float(store.count[block_id])
             if self.exact is not None:
-                self.exact.remember(key, block_id, int(states[0].count[block_id]))
-            rows = torch.stack([torch.cat([s.sum[block_id], s.sumsq[block_id], s.inv[block_id][:, None]], 1)
-                                for s in states]).cpu()
+                self.exact.remember(key, block_id, int(count))
+            rows = torch.cat([store.sum[:, block_id], store.sumsq[:, block_id], store.inv[:, block_id][..., None]],
+                             2).cpu()  # [L, Hkv, 2d+1]
             old = self._saved.pop(key, None)
             if old is not None:
                 self._saved_bytes -= old[1].nbytes
-            self._saved[key] = (float(states[0].count[block_id]), rows)
+            self._saved[key] = (count, rows)
             self._saved_bytes += rows.nbytes
         while self._saved_bytes > self._summary_bytes and self._saved:
             self._saved_bytes -= self._saved.popitem(last=False)[1][1].nbytes
 
     def restore(self, pairs: Sequence[tuple[bytes, int]]) -> None:
         """Blocks loaded into ``block_id``: use the remembered summaries of ``key``, else mark them unknown."""
-        if not self.layers:
+        self._flush()
+        store = self._store
+        if store is None:
             return
-        states = [self.layers[n] for n in self._order if n in self.layers]
         for key, block_id in pairs:
-            if block_id >= states[0].count.shape[0]:
-                for s in states:
-                    s.grow(max(block_id + 1, 2 * s.count.shape[0]))
+            if block_id >= store.count.shape[0]:
+                store.grow(max(block_id + 1, 2 * store.count.shape[0]))
             saved = self._saved.get(key)
             if self.exact is not None:
                 self.exact.restore(key, block_id)
-            for i, s in enumerate(states):
-                if saved is None:
-                    s.count[block_id] = 0.0
-                    continue
-                rows = saved[1][i].to(s.sum.device)
-                d = s.sum.shape[2]
-                s.count[block_id] = saved[0]
-                s.sum[block_id], s.sumsq[block_id] = rows[:, :d], rows[:, d:2 * d]
-                s.inv[block_id] = rows[:, 2 * d]
+            if saved is None:
+                store.count[block_id] = 0.0
+                continue
+            rows = saved[1].to(store.sum.device)
+            d = store.sum.shape[3]
+            store.count[block_id] = saved[0]
+            store.sum[:, block_id], store.sumsq[:, block_id] = rows[..., :d], rows[..., d:2 * d]
+            store.inv[:, block_id] = rows[..., 2 * d]
             if saved is not None:
                 self._saved.move_to_end(key)

@@ -63,13 +63,6 @@ class ExactKeys:
         return torch.tensor([self._row_of.get(b, -1) for b in blocks.tolist()], dtype=torch.long,
                             device=blocks.device)
 
-    def write(self, layer: int, rows: torch.Tensor, offsets: torch.Tensor, keys: torch.Tensor) -> None:
-        """Store ``keys [T, Hkv, d]`` of tokens written at (row, offset); tokens without a row are skipped."""
-        if self.buf is None or not rows.numel():
-            return
-        keep = rows >= 0
-        self.buf[layer, rows[keep], offsets[keep]] = keys[keep].to(self.buf.dtype)
-
     def get(self, layer: int, block_id: int, count: int) -> torch.Tensor | None:
         row = self._row_of.get(block_id)
         if self.buf is None or row is None or count <= 0:
