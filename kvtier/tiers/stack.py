@@ -127,11 +127,17 @@ class TierStack:
         src, dst = self.tiers[index], self.tiers[index + 1]
         if src.codec.same_format(dst.codec):
             return record
+        raw = self._decode(src, key, record)
+        return None if raw is None else dst.codec.encode(key, raw)
+
+    def _decode(self, tier: Tier, key: BlockKey, record: bytes) -> bytes | None:
+        """The verified raw bytes of ``tier``'s record, or None for a record that fails verification (counted
+        and logged)."""
         try:
-            return dst.codec.encode(key, src.codec.decode(key, record))
+            return tier.codec.decode(key, record)
         except CorruptBlockError as exc:
-            self.metrics.add(src.name, "checksum_failures")
-            self._fail(src, "corrupt", exc)
+            self.metrics.add(tier.name, "checksum_failures")
+            self._fail(tier, "corrupt", exc)
             return None
 
     # ---- reads ---------------------------------------------------------------------------------
@@ -157,11 +163,8 @@ class TierStack:
             record = tier.get(key)
             if record is None:
                 continue
-            try:
-                raw = tier.codec.decode(key, record)
-            except CorruptBlockError as exc:
-                self.metrics.add(tier.name, "checksum_failures")
-                self._fail(tier, "corrupt", exc)
+            raw = self._decode(tier, key, record)
+            if raw is None:
                 tier.delete(key)
                 self.on_change(key, self.where(key))
                 continue
@@ -175,16 +178,12 @@ class TierStack:
 
     def _get_in_transit(self, key: BlockKey) -> tuple[bytes, str] | None:
         """A block being demoted, served from the record in hand (in its source tier's format)."""
-        with self._transit_lock:
-            moving = self._transit.get(key)
+        moving = self._moving(key)
         if moving is None:
             return None
         tier = self.tiers[moving[0]]
-        try:
-            raw = tier.codec.decode(key, moving[1])
-        except CorruptBlockError as exc:
-            self.metrics.add(tier.name, "checksum_failures")
-            self._fail(tier, "corrupt", exc)
+        raw = self._decode(tier, key, moving[1])
+        if raw is None:
             return None
         self._count_hit(tier.name, len(moving[1]))
         self.metrics.add(tier.name, "transit_hits")
@@ -198,9 +197,13 @@ class TierStack:
         for tier in self.tiers:
             if tier.contains(key):
                 return tier.name
-        with self._transit_lock:
-            moving = self._transit.get(key)
+        moving = self._moving(key)
         return self.tiers[moving[0]].name if moving is not None else None
+
+    def _moving(self, key: BlockKey) -> tuple[int, bytes] | None:
+        """(source tier index, record) of a victim on its way down, or None."""
+        with self._transit_lock:
+            return self._transit.get(key)
 
     def lookup_prefix(self, keys: Sequence[BlockKey]) -> int:
         """Number of leading ``keys`` that some tier holds (a prefix needs every block)."""
