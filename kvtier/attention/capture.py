@@ -65,19 +65,17 @@ class AttentionCapture:
         self._step_sum: dict[int, float] = {}
         self._step_obs: dict[int, int] = {}
         self._rewritten: set[int] = set()
-        self._meta_cache: tuple[int, Any, list[int], list[int]] | None = None
         self._saved: OrderedDict[bytes, tuple[float, torch.Tensor]] = OrderedDict()
         self._saved_bytes = 0
         self._summary_bytes = summary_bytes
         self.counters: dict[str, float] = {"capture_time_s": 0.0, "sampled_requests": 0, "scored_blocks": 0,
                                            "prior_blocks_exact": 0, "prior_blocks_summary": 0}
         self.exact = ExactKeys(key_memory) if mode == "window" and key_memory > 0 else None
-        self._tokens_cache: tuple[int, Any, StepTokens] | None = None
+        self._tokens_cache: tuple[int, Any, StepTokens] | None = None  # (step, metadata, what it says)
         self._store: Summaries | None = None
-        # window mode folds a step's keys into the summaries once, for all layers, when the step is over
+        # window mode folds a step's keys (of the cached step) into the summaries once, for all layers, when the
+        # step is over
         self._pending: list[tuple[int, torch.Tensor]] = []
-        self._pending_tokens: StepTokens | None = None
-        self._decode_cache: tuple[int, tuple[Any, ...]] | None = None  # this step's decode tables, all layers
         self.batch_decode = True  # score sampled decode requests in one batched pass (False: one by one)
 
     # ---- installation ------------------------------------------------------------------------------
@@ -114,23 +112,16 @@ class AttentionCapture:
         return forward
 
     # ---- per layer, per step -----------------------------------------------------------------------
-    def _lists(self, md: Any) -> tuple[list[int], list[int]]:
-        """query_start_loc and seq_lens as Python lists, converted once per step (one sync on CUDA)."""
-        cached = self._meta_cache
-        if cached is not None and cached[0] == self.step and cached[1] is md:
-            return cached[2], cached[3]
-        qsl = md.query_start_loc.tolist()
-        lens = md.seq_lens.tolist()
-        self._meta_cache = (self.step, md, qsl, lens)
-        return qsl, lens
+    def _cached_tokens(self, md: Any) -> StepTokens | None:
+        cached = self._tokens_cache
+        return cached[2] if cached is not None and cached[0] == self.step and cached[1] is md else None
 
     def observe(self, name: str, query: torch.Tensor, key: torch.Tensor, md: Any, scale: float) -> None:
         total = int(md.num_actual_tokens)
         if total <= 0:
             return
         keys = key[:total].float()
-        cached = self._tokens_cache
-        if self._pending and not (cached is not None and cached[0] == self.step and cached[1] is md):
+        if self._pending and self._cached_tokens(md) is None:
             self._flush()  # a new step began without end_step
         if self._store is None:
             self._store = Summaries(max(len(self._order), 1), max(self.num_blocks, 1), keys.shape[1],
@@ -145,25 +136,23 @@ class AttentionCapture:
         tokens = self._step_tokens(md, total)
         if tokens.top > self._store.count.shape[0]:
             self._store.grow(max(tokens.top, 2 * self._store.count.shape[0]))
-        qsl, lens = self._lists(md)
         block_table = md.block_table
         written = keys if tokens.all_valid else keys[tokens.valid]
         if written.shape[0] != tokens.blocks.shape[0]:
             raise ValueError(f"slot_mapping covers {tokens.blocks.shape[0]} tokens, the step computed {total}")
         if self.mode == "window":
-            self._score_window(state, layer, query, keys, qsl, lens, block_table, scale)
+            self._score_window(state, layer, query, keys, tokens, block_table, scale)
             self._pending.append((layer, written))
-            self._pending_tokens = tokens
         else:  # the proxy reads this step's keys: fold them in now
             self._fold([layer], written[None], tokens)
-            self._score_proxy(state, qsl, lens, block_table)
+            self._score_proxy(state, tokens, block_table)
 
     def _step_tokens(self, md: Any, total: int) -> StepTokens:
         """Where this step's tokens were written (block, offset, exact-key row), worked out once per step and
         shared by every layer; blocks written at offset 0 were reallocated, so their summaries restart."""
-        cached = self._tokens_cache
-        if cached is not None and cached[0] == self.step and cached[1] is md:
-            return cached[2]
+        cached = self._cached_tokens(md)
+        if cached is not None:
+            return cached
         slots = md.slot_mapping[:total].long()
         valid = slots >= 0
         all_valid = bool(valid.all())
@@ -173,8 +162,8 @@ class AttentionCapture:
         restart = blocks[offsets == 0]
         restarted = restart.tolist()
         self._rewritten.update(restarted)
-        tokens = StepTokens(valid, all_valid, blocks, int(blocks.max()) + 1 if blocks.numel() else 0,
-                             restart if restarted else None)
+        tokens = StepTokens(md.query_start_loc.tolist(), md.seq_lens.tolist(), valid, all_valid, blocks,
+                            int(blocks.max()) + 1 if blocks.numel() else 0, restart if restarted else None)
         if self.exact is not None and self.exact.buf is not None:
             self.exact.assign(dict.fromkeys(blocks.tolist()))
             rows = self.exact.rows_for(blocks)
@@ -183,8 +172,9 @@ class AttentionCapture:
         self._tokens_cache = (self.step, md, tokens)
         return tokens
 
-    def _sampled(self, qsl: list[int], lens: list[int]) -> Iterable[tuple[int, int, int, int]]:
+    def _sampled(self, tokens: StepTokens) -> Iterable[tuple[int, int, int, int]]:
         """(request row, first query token, query count, seq len) for the requests sampled this step."""
+        qsl, lens = tokens.qsl, tokens.lens
         decode_due = self.step % self.every_n == 0
         for r in range(len(qsl) - 1):
             n = qsl[r + 1] - qsl[r]
@@ -192,12 +182,12 @@ class AttentionCapture:
                 yield r, qsl[r], n, lens[r]
 
     def _score_window(self, state: LayerState, layer: int, query: torch.Tensor, keys: torch.Tensor,
-                      qsl: list[int], lens: list[int], block_table: torch.Tensor, scale: float) -> None:
+                      tokens: StepTokens, block_table: torch.Tensor, scale: float) -> None:
         bs = self.block_size
-        sampled = list(self._sampled(qsl, lens))
+        sampled = list(self._sampled(tokens))
         decode = [(r, qs, seq_len) for r, qs, n, seq_len in sampled if n == 1] if self.batch_decode else []
         if decode:
-            self._score_decode(state, layer, query, keys, decode, block_table, scale)
+            self._score_decode(state, layer, query, keys, decode, tokens, block_table, scale)
         for r, qs, n, seq_len in sampled:
             if decode and n == 1:
                 continue
@@ -232,12 +222,12 @@ class AttentionCapture:
                                      prior, bs, scale)
             self._accumulate(ids.tolist(), relative_scores(mass, known).tolist(), known.tolist(), seq_len // bs)
 
-    def _decode_tables(self, state: LayerState, decode: list[tuple[int, int, int]],
+    def _decode_tables(self, state: LayerState, decode: list[tuple[int, int, int]], tokens: StepTokens,
                        block_table: torch.Tensor, device: torch.device) -> tuple[Any, ...]:
         """Block ids, counts, exact-key rows and masks of this step's sampled decode requests; built at the
         first layer and shared by the others (every layer saw the same tokens)."""
-        if self._decode_cache is not None and self._decode_cache[0] == self.step:
-            return self._decode_cache[1]
+        if tokens.decode is not None:
+            return tokens.decode
         bs = self.block_size
         lens = torch.tensor([seq_len for _, _, seq_len in decode], device=device)
         width = int(-(-lens.max() // bs))
@@ -258,17 +248,18 @@ class AttentionCapture:
         qs = torch.tensor([qs for _, qs, _ in decode], device=device)
         tables = (ids, rows, at, valid, torch.where(exact, torch.zeros((), device=device), count), known,
                   first // bs, qs, (lens // bs).tolist(), (-(-lens // bs)).tolist())
-        self._decode_cache = (self.step, tables)
+        tokens.decode = tables
         self.counters["prior_blocks_exact"] += int(exact.sum())
         self.counters["prior_blocks_summary"] += int((tables[4] > 0).sum())
         return tables
 
     def _score_decode(self, state: LayerState, layer: int, query: torch.Tensor, keys: torch.Tensor,
-                      decode: list[tuple[int, int, int]], block_table: torch.Tensor, scale: float) -> None:
+                      decode: list[tuple[int, int, int]], tokens: StepTokens, block_table: torch.Tensor,
+                      scale: float) -> None:
         """The window of sampled decode requests (one query each), batched: a few tensor ops per layer
         whatever the batch size, instead of a few dozen per request."""
         ids, rows, at, valid, count, known, cur_block, qs, full, nb = self._decode_tables(
-            state, decode, block_table, keys.device)
+            state, decode, tokens, block_table, keys.device)
         stats = state.stats(ids.flatten())
         shape = (*ids.shape, *stats.mean.shape[1:])
         held = (self.exact.buf[layer, rows[at]] if self.exact is not None and self.exact.buf is not None
@@ -281,8 +272,8 @@ class AttentionCapture:
         for i, (block_ids, values, ok) in enumerate(zip(ids.tolist(), rel.tolist(), known.tolist(), strict=True)):
             self._accumulate(block_ids[:nb[i]], values[:nb[i]], ok[:nb[i]], full[i])
 
-    def _score_proxy(self, state: LayerState, qsl: list[int], lens: list[int], block_table: torch.Tensor) -> None:
-        for r, _, _, seq_len in self._sampled(qsl, lens):
+    def _score_proxy(self, state: LayerState, tokens: StepTokens, block_table: torch.Tensor) -> None:
+        for r, _, _, seq_len in self._sampled(tokens):
             ids = block_table[r, :-(-seq_len // self.block_size)].long()
             count = state.count[ids]
             inv = state.inv[ids].sum(1) / (count.clamp_min(1.0) * state.inv.shape[1])
@@ -306,8 +297,8 @@ class AttentionCapture:
                 self._step_obs[block_id] = self._step_obs.get(block_id, 0) + 1
 
     def _flush(self) -> None:
-        pending, tokens = self._pending, self._pending_tokens
-        self._pending, self._pending_tokens = [], None
+        pending, self._pending = self._pending, []
+        tokens = self._tokens_cache[2] if self._tokens_cache is not None else None  # the step they belong to
         if not pending or tokens is None:
             return
         start = time.perf_counter()
@@ -322,31 +313,21 @@ class AttentionCapture:
     def _fold(self, layers: list[int], keys: torch.Tensor, tokens: StepTokens) -> None:
         """Fold a step's valid keys ``[len(layers), T, Hkv, d]`` into the summaries and the exact-key rows;
         blocks restarted at offset 0 begin from zero. All layers at once when ``layers`` is all of them."""
-        store, b, restart = self._store, tokens.blocks, tokens.restart
+        store = self._store
         assert store is not None
         if not tokens.counted:
             tokens.counted = True
-            if restart is not None:
-                store.count[restart] = 0.0
-            store.count.index_add_(0, b, torch.ones_like(b, dtype=store.count.dtype))
-        inv = 1.0 / keys.norm(dim=-1).clamp_min(1e-6)
+            store.count_tokens(tokens.blocks, tokens.restart)
         buf = self.exact.buf if self.exact is not None else None
-        targets: list[tuple[Any, torch.Tensor, torch.Tensor]]
+        targets: list[tuple[slice | int, torch.Tensor]]
         if layers == list(range(store.sum.shape[0])):
-            targets = [(slice(None), keys, inv)]
+            targets = [(slice(None), keys)]
         else:
-            targets = [(layer, keys[i], inv[i]) for i, layer in enumerate(layers)]
-        for at, k, i in targets:
-            dim = 1 if isinstance(at, slice) else 0
-            summary = [store.sum[at], store.sumsq[at], store.inv[at]]
-            if restart is not None:
-                for t in summary:
-                    t.index_fill_(dim, restart, 0.0)
-            summary[0].index_add_(dim, b, k)
-            summary[1].index_add_(dim, b, k * k)
-            summary[2].index_add_(dim, b, i)
+            targets = [(layer, keys[i]) for i, layer in enumerate(layers)]
+        for at, k in targets:
+            store.add(at, k, tokens.blocks, tokens.restart)
             if buf is not None and tokens.held is not None:
-                held = k[:, tokens.held] if dim else k[tokens.held]
+                held = k[:, tokens.held] if isinstance(at, slice) else k[tokens.held]
                 buf[at, tokens.rows, tokens.held_offsets] = held.to(buf.dtype)
 
     # ---- step boundary and block identity ----------------------------------------------------------
@@ -369,11 +350,9 @@ class AttentionCapture:
         for key, block_id in pairs:
             if block_id >= store.count.shape[0]:
                 continue
-            count = float(store.count[block_id])
+            count, rows = store.snapshot(block_id)
             if self.exact is not None:
                 self.exact.remember(key, block_id, int(count))
-            rows = torch.cat([store.sum[:, block_id], store.sumsq[:, block_id], store.inv[:, block_id][..., None]],
-                             2).cpu()  # [L, Hkv, 2d+1]
             old = self._saved.pop(key, None)
             if old is not None:
                 self._saved_bytes -= old[1].nbytes
@@ -397,10 +376,5 @@ class AttentionCapture:
             if saved is None:
                 store.count[block_id] = 0.0
                 continue
-            rows = saved[1].to(store.sum.device)
-            d = store.sum.shape[3]
-            store.count[block_id] = saved[0]
-            store.sum[:, block_id], store.sumsq[:, block_id] = rows[..., :d], rows[..., d:2 * d]
-            store.inv[:, block_id] = rows[..., 2 * d]
-            if saved is not None:
-                self._saved.move_to_end(key)
+            store.load(block_id, *saved)
+            self._saved.move_to_end(key)
