@@ -13,30 +13,25 @@ import socket
 import subprocess
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from kvtier.bench.s3server import (
+    PORT_FLAGS,
+    ensure_bucket,
+    find_weed,
+    free_ports,
+    s3_answers,
+    s3_client,
+    weed_command,
+    weed_env,
+)
+
 S3_ACCESS_KEY = "kvtier-test-access"
 S3_SECRET_KEY = "kvtier-test-secret-0123456789"
 S3_BUCKET = "kvtier-test"
-
-
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct ports that were free a moment ago (held together so they differ)."""
-    socks = []
-    try:
-        for _ in range(count):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 class ServerProcess:
@@ -132,16 +127,15 @@ class RedisServer(ServerProcess):
 
 
 class SeaweedServer(ServerProcess):
-    """``weed mini``: master, volume, filer and S3 in one process, every port chosen free."""
+    """``weed mini``: master, volume, filer and S3 in one process, every port chosen free (the start-up pieces
+    are kvtier.bench.s3server's; this class adds crash-like stops and restarts on the same ports and data)."""
 
     name = "weed-mini"
-    PORT_FLAGS = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
-                  "filer.port.grpc", "s3.port", "s3.port.grpc", "admin.port", "admin.port.grpc")
 
     def __init__(self, workdir: Path, weed_bin: str) -> None:
         super().__init__(workdir)
         self.weed_bin = weed_bin
-        self.ports = dict(zip(self.PORT_FLAGS, free_ports(len(self.PORT_FLAGS))))
+        self.ports = dict(zip(PORT_FLAGS, free_ports(len(PORT_FLAGS)), strict=True))
         self.access_key = S3_ACCESS_KEY
         self.secret_key = S3_SECRET_KEY
         (workdir / "data").mkdir(exist_ok=True)
@@ -151,54 +145,25 @@ class SeaweedServer(ServerProcess):
         return f"http://127.0.0.1:{self.ports['s3.port']}"
 
     def command(self) -> list[str]:
-        flags = [f"-{flag}={port}" for flag, port in self.ports.items()]
-        return [self.weed_bin, "mini", f"-dir={self.workdir / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-                "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false", *flags]
+        return weed_command(self.weed_bin, self.workdir / "data", self.ports)
 
     def env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3_"))}
-        # weed mini turns these into the credentials of its admin identity: requests must be signed.
-        env["AWS_ACCESS_KEY_ID"] = self.access_key
-        env["AWS_SECRET_ACCESS_KEY"] = self.secret_key
-        return env
+        return weed_env(self.access_key, self.secret_key)
 
     def ready(self) -> bool:
-        try:
-            urllib.request.urlopen(self.endpoint_url + "/", timeout=0.5).close()
-            return True
-        except urllib.error.HTTPError:  # any S3 answer (403 for an unsigned request) means it is up
-            return True
-        except OSError:
-            return False
+        return s3_answers(self.endpoint_url)
 
     def boto_client(self, **overrides: str) -> object:
-        import boto3
-        from botocore.config import Config
-
-        return boto3.session.Session().client(
-            "s3", endpoint_url=self.endpoint_url, region_name="us-east-1",
-            aws_access_key_id=overrides.get("access_key", self.access_key),
-            aws_secret_access_key=overrides.get("secret_key", self.secret_key),
-            config=Config(s3={"addressing_style": "path"}, retries={"mode": "standard", "total_max_attempts": 2}))
+        return s3_client(self.endpoint_url, overrides.get("access_key", self.access_key),
+                         overrides.get("secret_key", self.secret_key),
+                         retries={"mode": "standard", "total_max_attempts": 2})
 
     def ensure_bucket(self, bucket: str, timeout_s: float = 30.0) -> None:
         """Create ``bucket`` and wait until an object can be written to it (volumes may lag the S3 port)."""
-        client = self.boto_client()
-        deadline = time.monotonic() + timeout_s
-        last: Exception | None = None
-        while time.monotonic() < deadline:
-            try:
-                try:
-                    client.create_bucket(Bucket=bucket)  # type: ignore[attr-defined]
-                except client.exceptions.BucketAlreadyOwnedByYou:  # type: ignore[attr-defined]
-                    pass
-                client.put_object(Bucket=bucket, Key="_probe", Body=b"ok")  # type: ignore[attr-defined]
-                client.delete_object(Bucket=bucket, Key="_probe")  # type: ignore[attr-defined]
-                return
-            except Exception as exc:  # noqa: BLE001 - retried until the deadline, then reported
-                last = exc
-                time.sleep(0.2)
-        raise RuntimeError(f"bucket {bucket!r} not usable after {timeout_s} s: {last}; log: {self.tail_log()}")
+        try:
+            ensure_bucket(self.boto_client(), bucket, timeout_s)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}; log: {self.tail_log()}") from None
 
 
 def _recv_some(sock: socket.socket) -> bytes:
@@ -214,10 +179,6 @@ def _recv_some(sock: socket.socket) -> bytes:
 def find_redis() -> str | None:
     path = os.environ.get("KVTIER_REDIS_SERVER", "/usr/bin/redis-server")
     return path if os.path.exists(path) else shutil.which("redis-server")
-
-
-def find_weed() -> str | None:
-    return os.environ.get("KVTIER_WEED") or shutil.which("weed")
 
 
 def require_binary(path: str | None, what: str, fix: str) -> str:
