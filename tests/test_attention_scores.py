@@ -344,3 +344,18 @@ def test_shuffled_control_keeps_the_values_but_not_the_assignment() -> None:
     got = sorted(policy.score(key(i)) for i in range(40))
     assert set(got) <= {float(i) for i in range(40)}  # drawn from the reported values
     assert [policy.score(key(i)) for i in range(40)] != [float(i) for i in range(40)]
+
+
+def test_host_lru_keeps_the_most_recently_used_within_its_byte_budget() -> None:
+    from kvtier.attention.keystore import HostLRU
+
+    cache: HostLRU[str] = HostLRU(10)
+    cache.put(b"a", "A", 4)
+    cache.put(b"b", "B", 4)
+    assert cache.get(b"a") == "A"  # now the most recently used
+    cache.put(b"c", "C", 4)  # 12 > 10: the least recently used (b) goes
+    assert cache.get(b"b") is None and cache.get(b"a") == "A" and cache.get(b"c") == "C" and cache.bytes == 8
+    cache.put(b"c", "C2", 2)  # replacing a key counts its new size only
+    assert cache.bytes == 6 and cache.get(b"c") == "C2"
+    cache.put(b"big", "X", 11)  # bigger than the budget: nothing else survives it, nor does it
+    assert cache.bytes == 0 and cache.get(b"big") is None and cache.get(b"a") is None

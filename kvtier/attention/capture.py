@@ -25,13 +25,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 
-from kvtier.attention.keystore import ExactKeys
+from kvtier.attention.keystore import ExactKeys, HostLRU
 from kvtier.attention.scores import (
     BlockStats,
     decode_block_mass,
@@ -65,9 +64,7 @@ class AttentionCapture:
         self._step_sum: dict[int, float] = {}
         self._step_obs: dict[int, int] = {}
         self._rewritten: set[int] = set()
-        self._saved: OrderedDict[bytes, tuple[float, torch.Tensor]] = OrderedDict()
-        self._saved_bytes = 0
-        self._summary_bytes = summary_bytes
+        self._saved: HostLRU[tuple[float, torch.Tensor]] = HostLRU(summary_bytes)  # key -> Summaries.snapshot
         self.counters: dict[str, float] = {"capture_time_s": 0.0, "sampled_requests": 0, "scored_blocks": 0,
                                            "prior_blocks_exact": 0, "prior_blocks_summary": 0}
         self.exact = ExactKeys(key_memory) if mode == "window" and key_memory > 0 else None
@@ -353,13 +350,7 @@ class AttentionCapture:
             count, rows = store.snapshot(block_id)
             if self.exact is not None:
                 self.exact.remember(key, block_id, int(count))
-            old = self._saved.pop(key, None)
-            if old is not None:
-                self._saved_bytes -= old[1].nbytes
-            self._saved[key] = (count, rows)
-            self._saved_bytes += rows.nbytes
-        while self._saved_bytes > self._summary_bytes and self._saved:
-            self._saved_bytes -= self._saved.popitem(last=False)[1][1].nbytes
+            self._saved.put(key, (count, rows), rows.nbytes)
 
     def restore(self, pairs: Sequence[tuple[bytes, int]]) -> None:
         """Blocks loaded into ``block_id``: use the remembered summaries of ``key``, else mark them unknown."""
@@ -377,4 +368,3 @@ class AttentionCapture:
                 store.count[block_id] = 0.0
                 continue
             store.load(block_id, *saved)
-            self._saved.move_to_end(key)

@@ -15,8 +15,36 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterable
+from typing import Generic, TypeVar
 
 import torch
+
+V = TypeVar("V")
+
+
+class HostLRU(Generic[V]):
+    """Values by kvtier key within a byte budget, least recently used dropped first (a value bigger than the
+    budget is not kept). Holds what a saved block needs when it is loaded again into another block id."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.bytes = 0
+        self._items: OrderedDict[bytes, tuple[V, int]] = OrderedDict()
+
+    def put(self, key: bytes, value: V, nbytes: int) -> None:
+        old = self._items.pop(key, None)
+        self.bytes += nbytes - (old[1] if old is not None else 0)
+        self._items[key] = (value, nbytes)
+        while self.bytes > self.budget and self._items:
+            self.bytes -= self._items.popitem(last=False)[1][1]
+
+    def get(self, key: bytes) -> V | None:
+        """The value of ``key`` (now the most recently used), or None."""
+        item = self._items.get(key)
+        if item is None:
+            return None
+        self._items.move_to_end(key)
+        return item[0]
 
 
 class ExactKeys:
@@ -27,8 +55,7 @@ class ExactKeys:
         self._row_of: dict[int, int] = {}  # block id -> row, least recently assigned first
         self._lru: OrderedDict[int, None] = OrderedDict()
         self._free: list[int] = []
-        self._saved: OrderedDict[bytes, torch.Tensor] = OrderedDict()  # key -> [layers, n, Hkv, d] on host
-        self._saved_bytes = 0
+        self._saved: HostLRU[torch.Tensor] = HostLRU(budget // 2)  # key -> [layers, n, Hkv, d] on host
 
     def setup(self, layers: int, block_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
               device: torch.device) -> None:
@@ -74,11 +101,7 @@ class ExactKeys:
         if self.buf is None or row is None or count <= 0:
             return
         keys = self.buf[:, row, :count].to("cpu", copy=True)
-        old = self._saved.pop(key, None)
-        self._saved_bytes += keys.nbytes - (old.nbytes if old is not None else 0)
-        self._saved[key] = keys
-        while self._saved_bytes > self.budget // 2 and self._saved:
-            self._saved_bytes -= self._saved.popitem(last=False)[1].nbytes
+        self._saved.put(key, keys, keys.nbytes)
 
     def restore(self, key: bytes, block_id: int) -> int:
         """Exact keys of ``key`` into ``block_id``'s row; returns their count (0: not held, row dropped)."""
@@ -86,7 +109,6 @@ class ExactKeys:
         if self.buf is None or saved is None:
             self.drop(block_id)
             return 0
-        self._saved.move_to_end(key)
         self.assign([block_id])
         self.buf[:, self._row_of[block_id], :saved.shape[1]] = saved.to(self.buf.device)
         return int(saved.shape[1])
