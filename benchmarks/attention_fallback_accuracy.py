@@ -66,8 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     from tokenizers import Tokenizer
     from transformers import AutoModelForCausalLM
 
-    from kvtier.models import SIZES, build_model
-    from kvtier.train import load_corpus
+    from kvtier_bench.models import SIZES, build_model
+    from kvtier_bench.train import load_corpus
 
     model_dir = build_model(args.model) if args.model in (*SIZES, "trained") else args.model
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()

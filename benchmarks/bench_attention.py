@@ -14,12 +14,12 @@ the blocks opened between a conversation's opening and its first follow-up, so a
 At the moment of the first follow-up every document has been used exactly once, so LRU, LFU and ARC see no
 difference between engaged and one-off documents; the attention policy does, through the scores captured
 from the model (kvtier.attention, window mode). The model is the trained tiny Llama
-(``kvtier.models.build_model("trained")``); a random-weight model attends flatly and gives no signal.
+(``kvtier_bench.models.build_model("trained")``); a random-weight model attends flatly and gives no signal.
 
 Each policy runs in its own engine process (vLLM CPU build), with vLLM's prefix cache reset before every
 request so every reuse is served by kvtier or recomputed. TTFT = wall time of a 1-token greedy generate.
 Extra rows: the attention policy with capture off (decayed hit counts only), with the key-norm proxy, and
-fed *shuffled* scores (random draws from the real ones: same spread, no information; kvtier.attention.controls)
+fed *shuffled* scores (random draws from the real ones: same spread, no information; kvtier_bench.controls)
 - on this workload LRU is pathological and any perturbation of recency order gains something, so the signal
 is worth the gap between ``attention`` and ``attention-shuffled``, not the gap to LRU.
 
@@ -50,7 +50,7 @@ POLICIES: dict[str, tuple[dict, str]] = {
     "lfu": ({"name": "lfu"}, "off"),
     "arc": ({"name": "arc"}, "off"),
     "attention": (ATTENTION, "window"),
-    "attention-shuffled": ({**ATTENTION, "name": "kvtier.attention.controls:ShuffledScoresPolicy"}, "window"),
+    "attention-shuffled": ({**ATTENTION, "name": "kvtier_bench.controls:ShuffledScoresPolicy"}, "window"),
     "attention-proxy": (ATTENTION, "proxy"),
     "attention-nocapture": (ATTENTION, "off"),
 }
@@ -68,7 +68,7 @@ def build_workload(model: str, args: argparse.Namespace) -> list[Req]:
     """Deterministic request sequence (see the module docstring)."""
     from tokenizers import Tokenizer
 
-    from kvtier.train import load_corpus
+    from kvtier_bench.train import load_corpus
 
     tok = Tokenizer.from_file(str(Path(model) / "tokenizer.json"))
     user = tok.token_to_id("<|user|>")
@@ -129,8 +129,9 @@ def child(spec: dict) -> dict:
     from vllm.config import KVTransferConfig
     from vllm.inputs import TokensPrompt
 
-    transfer = KVTransferConfig(kv_connector="KVTierConnector", kv_role="kv_both",
-                                kv_connector_extra_config=spec["kvtier"])
+    from kvtier_bench.configs import transfer_config
+
+    transfer = KVTransferConfig(**transfer_config(spec["kvtier"]))
     llm = LLM(model=spec["model"], dtype="bfloat16", max_model_len=4096, enforce_eager=True, seed=0,
               block_size=BLOCK, kv_transfer_config=transfer)
     sampling = SamplingParams(temperature=0, max_tokens=1)
@@ -224,7 +225,7 @@ def markdown(table: list[dict], meta: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--model", default="trained", help="kvtier.models size or a model directory")
+    parser.add_argument("--model", default="trained", help="kvtier_bench.models size or a model directory")
     parser.add_argument("--policies", default=",".join(POLICIES))
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--opens", type=int, default=6)
@@ -242,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         print("BENCH-RESULT " + json.dumps(child(json.loads(Path(args.child).read_text()))), flush=True)
         return 0
-    from kvtier.models import SIZES, build_model
+    from kvtier_bench.models import SIZES, build_model
 
     model = build_model(args.model) if args.model in (*SIZES, "trained") else args.model
     config = json.loads((Path(model) / "config.json").read_text())

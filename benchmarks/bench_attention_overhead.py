@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     from vllm.distributed.kv_transfer import get_kv_transfer_group
     from vllm.inputs import TokensPrompt
 
-    from kvtier.models import SIZES, build_model
+    from kvtier_bench.models import SIZES, build_model
 
     model = build_model(args.model) if args.model in (*SIZES, "trained") else args.model
     kvtier = {"tiers": [{"kind": "dram", "capacity": "1GiB", "policy": {"name": "attention"}}],

@@ -1,6 +1,6 @@
 """Codec benchmark on real KV: compression ratio and encode/decode MB/s per codec.
 
-KV tensors are captured from a real forward pass (transformers, the locally built Llama from kvtier.models;
+KV tensors are captured from a real forward pass (transformers, the locally built Llama from kvtier_bench.models;
 pass --model for any local model directory) over real text (Python's own source files on this machine),
 cut into vLLM-sized blocks (block_size tokens x all layers x K and V) exactly as kvtier stores them.
 Each codec runs through the full record path (shuffle, compress, checksum, header; decode verifies).
@@ -90,15 +90,15 @@ def memcpy_mbps(blocks: list[bytes], repeat: int) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="local model dir (default: kvtier.models 'small')")
-    parser.add_argument("--size", default="small", help="kvtier.models size when --model is not given")
+    parser.add_argument("--model", help="local model dir (default: kvtier_bench.models 'small')")
+    parser.add_argument("--size", default="small", help="kvtier_bench.models size when --model is not given")
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--block-size", type=int, default=128)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default="results/bench_codecs.json")
     args = parser.parse_args()
     if args.model is None:
-        from kvtier.models import build_model
+        from kvtier_bench.models import build_model
 
         args.model = build_model(args.size)
     tokens = 512 if args.quick else args.tokens

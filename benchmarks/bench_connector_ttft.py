@@ -101,7 +101,7 @@ def run(spec: dict) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--size", default="base", help="kvtier.models size (base is ~100M params)")
+    parser.add_argument("--size", default="base", help="kvtier_bench.models size (base is ~100M params)")
     parser.add_argument("--length", type=int, default=2048 + 1)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--out", default="benchmarks/results/ttft.json")
@@ -109,7 +109,7 @@ def main() -> int:
     if args.worker:
         print("RESULT " + json.dumps(worker(json.loads(args.worker))), flush=True)
         return 0
-    from kvtier.models import build_model
+    from kvtier_bench.models import build_model
 
     model = build_model(args.size)
     tmp = Path(tempfile.mkdtemp(prefix="kvtier-ttft-"))

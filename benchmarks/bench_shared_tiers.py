@@ -35,7 +35,9 @@ import redis
 from servers import S3_BUCKET, RedisServer, SeaweedServer, find_redis, find_weed
 
 from kvtier.codecs import BlockCodec
-from kvtier.config import CodecConfig, RedisOptions, S3Options
+from kvtier.config import CodecConfig
+from kvtier.tiers.redis import RedisOptions
+from kvtier.tiers.s3 import S3Options
 from kvtier.policies.lru import LRUPolicy
 from kvtier.tiers.redis import RedisTier
 from kvtier.tiers.s3 import S3Tier, make_s3_client

@@ -33,7 +33,9 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kvtier.codecs import HEADER_SIZE, BlockCodec
-from kvtier.config import CodecConfig, DiskOptions, DramOptions
+from kvtier.config import CodecConfig
+from kvtier.tiers.disk import DiskOptions
+from kvtier.tiers.dram import DramOptions
 from kvtier.policies.lru import LRUPolicy
 from kvtier.tiers.base import Tier
 from kvtier.tiers.disk import DiskTier

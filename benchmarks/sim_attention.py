@@ -31,7 +31,7 @@ from kvtier.config import KVTierConfig
 from kvtier.tiers.stack import TierStack
 
 POLICIES = {"lru": {"name": "lru"}, "lfu": {"name": "lfu"}, "arc": {"name": "arc"}, "attention": ATTENTION,
-            "attention-shuffled": {**ATTENTION, "name": "kvtier.attention.controls:ShuffledScoresPolicy"},
+            "attention-shuffled": {**ATTENTION, "name": "kvtier_bench.controls:ShuffledScoresPolicy"},
             "attention-nocapture": ATTENTION}
 
 
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     args, _ = parser.parse_known_args(argv)
     from transformers import AutoModelForCausalLM
 
-    from kvtier.models import build_model
+    from kvtier_bench.models import build_model
 
     model_dir = build_model(args.model) if args.model == "trained" else args.model
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()

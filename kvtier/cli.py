@@ -1,10 +1,16 @@
-"""The ``kvtier`` command: validate a config, run the benchmark, inspect and prune stored blocks."""
+"""The ``kvtier`` command: validate a config, inspect and prune stored blocks; more commands by entry point.
+
+Other distributions add sub-commands through the ``kvtier.commands`` entry-point group (a ``main(argv) -> int``);
+the benchmark harness (benchmarks/, ``kvtier-bench``) adds ``kvtier bench`` that way, so the runtime never
+imports it.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from importlib import metadata
 
 from kvtier.config import KVTierConfig
 from kvtier.errors import KVTierError
@@ -12,11 +18,7 @@ from kvtier.units import format_size
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from kvtier.policies import make_policy
-
-    cfg = KVTierConfig.from_yaml(args.file)
-    for i, tier in enumerate(cfg.tiers):
-        make_policy(tier.policy, f"{args.file}: tiers[{i}].policy")
+    cfg = KVTierConfig.from_yaml(args.file)  # builds each codec and policy once: bad settings fail here
     print(f"{args.file}: OK")
     for i, tier in enumerate(cfg.tiers):
         codec = tier.codec.name + ("+shuffle" if tier.codec.shuffle else "")
@@ -27,10 +29,20 @@ def _validate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench(args: argparse.Namespace) -> int:
-    from kvtier.bench.main import main as bench_main
+COMMAND_GROUP = "kvtier.commands"
+# Commands that other distributions provide, with the install hint shown when one is missing.
+KNOWN_PLUGINS = {"bench": "the benchmark harness: pip install -e ./benchmarks (scripts/setup.sh does)"}
 
-    return bench_main(args.rest)
+
+def _plugin_commands() -> dict[str, metadata.EntryPoint]:
+    return {ep.name: ep for ep in metadata.entry_points(group=COMMAND_GROUP)}
+
+
+def _run_plugin(name: str, argv: list[str]) -> int:
+    entry = _plugin_commands().get(name)
+    if entry is None:
+        raise KVTierError(f"'kvtier {name}' is not installed; it comes with {KNOWN_PLUGINS.get(name, 'a plug-in')}")
+    return int(entry.load()(argv))
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -52,12 +64,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file")
     p.add_argument("--json", action="store_true", help="also print the resolved config")
     p.set_defaults(func=_validate)
-    for name, func, text in (("bench", _bench, "run the multi-turn chat benchmark (see --help)"),
-                             ("inspect", _inspect, "show what a disk dir / bucket / Redis holds"),
+    for name, func, text in (("inspect", _inspect, "show what a disk dir / bucket / Redis holds"),
                              ("gc", _gc, "prune stored blocks by age or size")):
         p = sub.add_parser(name, help=text, add_help=False)
         p.add_argument("rest", nargs=argparse.REMAINDER)
         p.set_defaults(func=func)
+    for name in sorted(set(_plugin_commands()) | set(KNOWN_PLUGINS)):
+        p = sub.add_parser(name, help=f"provided by {KNOWN_PLUGINS.get(name, 'a plug-in')} (see --help)",
+                           add_help=False)
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(func=lambda args, name=name: _run_plugin(name, args.rest))
     return parser
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from kvtier.bench.s3server import (
+from kvtier_bench.s3server import (
     PORT_FLAGS,
     ensure_bucket,
     find_weed,
@@ -128,7 +128,7 @@ class RedisServer(ServerProcess):
 
 class SeaweedServer(ServerProcess):
     """``weed mini``: master, volume, filer and S3 in one process, every port chosen free (the start-up pieces
-    are kvtier.bench.s3server's; this class adds crash-like stops and restarts on the same ports and data)."""
+    are kvtier_bench.s3server's; this class adds crash-like stops and restarts on the same ports and data)."""
 
     name = "weed-mini"
 

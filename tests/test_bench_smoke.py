@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from kvtier.bench.runner import root_cause
-from kvtier.bench.settings import load_settings
-from kvtier.bench.stats import check_against, percentile
-from kvtier.bench.workload import from_trace, load_tokenizer
+from kvtier_bench.runner import root_cause
+from kvtier_bench.settings import load_settings
+from kvtier_bench.stats import check_against, percentile
+from kvtier_bench.workload import from_trace, load_tokenizer
 from kvtier.errors import ConfigError
-from kvtier.models import build_model
+from kvtier_bench.models import build_model
 
 SETTINGS = """\
 preset: small

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from kvtier.models import build_model
+from kvtier_bench.models import build_model
 from e2e.run import full_blocks, run_driver
 
 pytestmark = pytest.mark.e2e

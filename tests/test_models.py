@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
-from kvtier import models
+from kvtier_bench import models
 
 
 @pytest.fixture(scope="module")

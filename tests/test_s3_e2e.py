@@ -7,7 +7,7 @@ import pytest
 from e2e.run import full_blocks, run_driver
 from servers import S3_ACCESS_KEY, S3_SECRET_KEY, SeaweedServer
 
-from kvtier.models import build_model
+from kvtier_bench.models import build_model
 
 pytestmark = pytest.mark.e2e
 SCRIPT = {"turns": 1, "system_len": 300, "question_len": 100, "max_tokens": 24}

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from kvtier.models import build_model
+from kvtier_bench.models import build_model
 
 pytestmark = pytest.mark.e2e
 WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly judge boxing matches "

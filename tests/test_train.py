@@ -1,4 +1,4 @@
-"""kvtier.train without training a model: the batches it builds and the duplicate-token head start."""
+"""kvtier_bench.train without training a model: the batches it builds and the duplicate-token head start."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from kvtier import train
+from kvtier_bench import train
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvtier.bench.settings import BenchSettings
+from kvtier_bench.settings import BenchSettings
 
 REFERENCE = "reference"
 
@@ -38,12 +38,21 @@ class RunConfig:
 
     @property
     def uses_kvtier(self) -> bool:
-        return self.kv_transfer is not None and self.kv_transfer.get("kv_connector") == "KVTierConnector"
+        return self.kv_transfer is not None and self.kv_transfer.get("kv_connector") == CONNECTOR_NAME
+
+
+# The benchmark's engines load kvtier through a subclass that also writes its counters to $KVTIER_STATS_FILE.
+CONNECTOR_NAME = "BenchKVTierConnector"
+
+
+def transfer_config(extra: dict[str, Any]) -> dict[str, Any]:
+    """``kv_transfer_config`` keys that load kvtier (kvtier_bench.connector) with kvtier config ``extra``."""
+    return {"kv_connector": CONNECTOR_NAME, "kv_role": "kv_both", "kv_connector_module_path": "kvtier_bench.connector",
+            "kv_load_failure_policy": "recompute", "kv_connector_extra_config": extra}
 
 
 def _kvtier(tiers: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"kv_connector": "KVTierConnector", "kv_role": "kv_both", "kv_connector_module_path": "kvtier.connector",
-            "kv_load_failure_policy": "recompute", "kv_connector_extra_config": {"tiers": tiers}}
+    return transfer_config({"tiers": tiers})
 
 
 def _disk(path: Path, capacity: int, policy: str = "lru") -> dict[str, Any]:

@@ -4,7 +4,7 @@ On workloads where LRU is pathological (reuse distance just above capacity), *an
 order can raise the hit rate, the way random replacement beats LRU on a loop. ``ShuffledScoresPolicy``
 replaces every reported score by a random draw from the scores reported so far, so it keeps the size and
 spread of the real signal but not which block received it: the gap between it and ``attention`` is what the
-attention signal itself is worth. Use it as ``policy: {name: "kvtier.attention.controls:ShuffledScoresPolicy"}``.
+attention signal itself is worth. Use it as ``policy: {name: "kvtier_bench.controls:ShuffledScoresPolicy"}``.
 """
 
 from __future__ import annotations

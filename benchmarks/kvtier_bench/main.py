@@ -22,20 +22,20 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from kvtier.bench import runner
-from kvtier.bench.configs import REFERENCE, RunConfig, build_configs, driver_spec
-from kvtier.bench.report import markdown, plots
-from kvtier.bench.s3server import LocalS3, find_weed
-from kvtier.bench.settings import PRESETS, BenchSettings, load_settings
-from kvtier.bench.stats import check_against, summarize
-from kvtier.bench.workload import check_fits, generate, load_tokenizer
+from kvtier_bench import runner
+from kvtier_bench.configs import REFERENCE, RunConfig, build_configs, driver_spec
+from kvtier_bench.report import markdown, plots
+from kvtier_bench.s3server import LocalS3, find_weed
+from kvtier_bench.settings import PRESETS, BenchSettings, load_settings
+from kvtier_bench.stats import check_against, summarize
+from kvtier_bench.workload import check_fits, generate, load_tokenizer
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kvtier bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="small", choices=sorted(PRESETS), help="built-in settings (default small)")
-    p.add_argument("--config", help="YAML settings file (see kvtier/bench/settings.py); may name a preset")
+    p.add_argument("--config", help="YAML settings file (see benchmarks/kvtier_bench/settings.py); may name a preset")
     p.add_argument("--configs", help="comma-separated configurations to compare (the reference always runs)")
     p.add_argument("--policies", help="comma-separated eviction policies to add as kvtier-dram-disk-<policy> runs")
     p.add_argument("--model", help="tiny | small | base (built locally) or a model directory")
@@ -67,7 +67,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def resolve_model(name: str) -> str:
-    from kvtier.models import SIZES, build_model
+    from kvtier_bench.models import SIZES, build_model
 
     return build_model(name) if name in SIZES else name
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvtier.bench.configs import RunConfig
+from kvtier_bench.configs import RunConfig
 
 
 def cpu_list() -> str:
@@ -97,7 +97,7 @@ def launch(cfg: RunConfig, spec: dict[str, Any], run_dir: Path, multiprocessing:
     (cdir / "spec.json").write_text(json.dumps(spec))
     env = driver_env(cfg, cdir / "stats.json" if cfg.uses_kvtier else None, multiprocessing)
     with open(cdir / "engine.log", "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "kvtier.bench.driver", str(cdir / "spec.json"),
+        proc = subprocess.Popen([sys.executable, "-m", "kvtier_bench.driver", str(cdir / "spec.json"),
                                  str(cdir / "result.json")], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 stderr=log, text=True, env=env, start_new_session=True)
     drv = Driver(cfg, cdir, proc, time.monotonic())

@@ -1,6 +1,6 @@
 """One configuration of the benchmark: start one vLLM engine, replay the workload, write a JSON result.
 
-Run in its own process by kvtier.bench.runner: ``python -m kvtier.bench.driver SPEC.json RESULT.json``.
+Run in its own process by kvtier_bench.runner: ``python -m kvtier_bench.driver SPEC.json RESULT.json``.
 It starts the engine, prints ``BENCH-READY`` and then obeys commands on stdin, one per line: ``run`` (one
 timed round of the workload; every round after the first starts from empty caches), ``check`` (the
 correctness pass) and ``quit`` (shut down and write RESULT.json); each command ends with ``BENCH-DONE``.
@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kvtier.bench.workload import Workload
+from kvtier_bench.workload import Workload
 
 
 class PeakRss:

@@ -3,7 +3,7 @@
 A settings file looks like this (every key is optional; ``preset`` names the base, default ``small``)::
 
     preset: small
-    model: tiny                  # tiny | small | base (built locally by kvtier.models) or a model directory
+    model: tiny                  # tiny | small | base (built locally by kvtier_bench.models) or a model directory
     workload:
       conversations: 4           # concurrent users
       turns: 3                   # user turns per conversation

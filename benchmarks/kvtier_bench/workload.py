@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from kvtier.bench.settings import WorkloadSettings
+from kvtier_bench.settings import WorkloadSettings
 from kvtier.errors import ConfigError
 
 _SYLLABLES = ("ka", "lo", "mi", "ne", "ru", "ta", "ve", "so", "di", "pa", "zu", "ho", "en", "ar", "il", "ou")

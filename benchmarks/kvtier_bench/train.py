@@ -2,7 +2,7 @@
 
 Data: the Python standard library's own ``.py`` sources (``sysconfig``'s ``stdlib`` path, files sorted by
 name, up to :attr:`TrainSpec.max_chars` characters), tokenized with kvtier's local BPE tokenizer
-(``kvtier.models``). Training windows are *quote* rows (a source window, the "document", then ``<|user|>`` +
+(``kvtier_bench.models``). Training windows are *quote* rows (a source window, the "document", then ``<|user|>`` +
 spans copied from it), *lookup* rows (the document, then ``<|user|> token answer`` triples: is the token in
 the document?) and plain source; loss on the quote and answer tokens and a sample of the rest.
 
@@ -16,8 +16,8 @@ pattern trained LMs do show (duplicate-token and induction heads).
 
 Deterministic: fixed seeds, a fixed number of steps and ``torch.set_num_threads(TrainSpec.threads)``; the
 same machine and library versions give the same weights. About 2-3 minutes of 2 idle cores (the marker
-records wall and CPU seconds). Cached like :func:`kvtier.models.build_model`: ``build_model("trained")`` or
-``python -m kvtier.train``.
+records wall and CPU seconds). Cached like :func:`kvtier_bench.models.build_model`: ``build_model("trained")`` or
+``python -m kvtier_bench.train``.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from kvtier import models
+from kvtier_bench import tokenizer as vocab
 
 if TYPE_CHECKING:
     import torch
@@ -79,9 +79,9 @@ def model_dir_name() -> str:
 def build_trained(cache_dir: str | None = None, spec: TrainSpec | None = None) -> str:
     """Directory of the trained model, training it on first use (cached, built in a temp dir and renamed)."""
     spec = spec or TrainSpec()
-    root = Path(cache_dir) if cache_dir is not None else models.default_cache_dir()
+    root = Path(cache_dir) if cache_dir is not None else vocab.default_cache_dir()
     final = root / model_dir_name()
-    if (final / models.MARKER_FILE).is_file():
+    if (final / vocab.MARKER_FILE).is_file():
         return str(final)
     root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
@@ -91,7 +91,7 @@ def build_trained(cache_dir: str | None = None, spec: TrainSpec | None = None) -
         try:
             os.rename(staging, final)
         except OSError:
-            if not (final / models.MARKER_FILE).is_file():
+            if not (final / vocab.MARKER_FILE).is_file():
                 raise
     finally:
         if staging.exists():
@@ -204,12 +204,12 @@ def _llama_config(spec: TrainSpec, ids: dict[str, int]) -> object:
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        vocab_size=models.SIZES["tiny"].vocab_size, hidden_size=spec.hidden_size,
+        vocab_size=vocab.VOCAB_SIZE, hidden_size=spec.hidden_size,
         intermediate_size=spec.intermediate_size, num_hidden_layers=spec.num_hidden_layers,
         num_attention_heads=spec.num_attention_heads, num_key_value_heads=spec.num_key_value_heads,
         head_dim=spec.hidden_size // spec.num_attention_heads, max_position_embeddings=8192,
         hidden_act="silu", rms_norm_eps=1e-5, initializer_range=0.02, tie_word_embeddings=False,
-        bos_token_id=ids[models.BOS_TOKEN], eos_token_id=ids[models.EOS_TOKEN], pad_token_id=ids[models.PAD_TOKEN],
+        bos_token_id=ids[vocab.BOS_TOKEN], eos_token_id=ids[vocab.EOS_TOKEN], pad_token_id=ids[vocab.PAD_TOKEN],
     )
 
 
@@ -248,7 +248,7 @@ def train(spec: TrainSpec, target: Path, log_every: int = 25) -> dict[str, objec
     import torch
     from transformers import GenerationConfig, LlamaForCausalLM
 
-    ids = models._save_tokenizer(target, models.SIZES["tiny"].vocab_size, 8192)
+    ids = vocab.save_tokenizer(target, vocab.VOCAB_SIZE, 8192)
     stream, corpus = load_corpus(target / "tokenizer.json", spec.max_chars)
     user = ids[USER_TOKEN]
     marks = (user, ids[YES_TOKEN], ids[NO_TOKEN])
@@ -266,7 +266,7 @@ def train(spec: TrainSpec, target: Path, log_every: int = 25) -> dict[str, objec
     for step in range(spec.steps):
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, spec)
-        rows, masks = make_batch(rng, stream, spec, ids[models.BOS_TOKEN], marks)
+        rows, masks = make_batch(rng, stream, spec, ids[vocab.BOS_TOKEN], marks)
         batch, mask = torch.tensor(rows), torch.tensor(masks)
         hidden = model.model(input_ids=batch).last_hidden_state[:, :-1][mask]  # lm_head only where loss counts
         loss = torch.nn.functional.cross_entropy(model.lm_head(hidden).float(), batch[:, 1:][mask])
@@ -282,10 +282,10 @@ def train(spec: TrainSpec, target: Path, log_every: int = 25) -> dict[str, objec
     report = {"train_seconds": round(elapsed, 1), "train_cpu_seconds": round(cpu, 1), "first_loss": round(losses[0], 3),
               "final_loss": round(sum(losses[-10:]) / min(10, len(losses)), 3),
               "attention_eval": attention_eval(model, stream, chat_tokens(target / "tokenizer.json"), spec,
-                                                 ids[models.BOS_TOKEN], user), "corpus": corpus}
+                                                 ids[vocab.BOS_TOKEN], user), "corpus": corpus}
     model.to(dtype=torch.bfloat16).save_pretrained(str(target))  # type: ignore[call-arg]
-    GenerationConfig(bos_token_id=ids[models.BOS_TOKEN], eos_token_id=ids[models.EOS_TOKEN],
-                     pad_token_id=ids[models.PAD_TOKEN]).save_pretrained(str(target))
+    GenerationConfig(bos_token_id=ids[vocab.BOS_TOKEN], eos_token_id=ids[vocab.EOS_TOKEN],
+                     pad_token_id=ids[vocab.PAD_TOKEN]).save_pretrained(str(target))
     return report
 
 
@@ -320,12 +320,12 @@ def attention_eval(model: torch.nn.Module, stream: list[int], chat: list[int], s
 
 
 def chat_tokens(tokenizer_path: Path) -> list[int]:
-    """English chit-chat (kvtier.models' synthetic corpus) as token ids: text unrelated to source code."""
+    """English chit-chat (kvtier_bench.models' synthetic corpus) as token ids: text unrelated to source code."""
     from itertools import islice
 
     from tokenizers import Tokenizer
 
-    text = " ".join(islice(models._corpus(seed=models.SEED + 1), 4000))
+    text = " ".join(islice(vocab.corpus(seed=vocab.SEED + 1), 4000))
     return Tokenizer.from_file(str(tokenizer_path)).encode(text, add_special_tokens=False).ids
 
 
@@ -334,11 +334,11 @@ def _train_into(target: Path, spec: TrainSpec) -> None:
     for path in target.iterdir():
         path.chmod(0o644)
     marker = {"size": "trained", "version": TRAIN_VERSION, "spec": asdict(spec), "report": report}
-    (target / models.MARKER_FILE).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
+    (target / vocab.MARKER_FILE).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kvtier.train", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m kvtier_bench.train", description=__doc__.splitlines()[0])
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--steps", type=int, default=None, help="override the step count (changes the weights)")
     args = parser.parse_args(argv)

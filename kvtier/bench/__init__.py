@@ -1,1 +1,0 @@
-"""The multi-turn chat benchmark behind ``kvtier bench`` (see kvtier/bench/main.py)."""
