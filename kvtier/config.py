@@ -17,11 +17,13 @@ from typing import Any, Literal
 
 import yaml
 
+from kvtier.codecs import make_codec
 from kvtier.errors import ConfigError
-from kvtier.units import parse_size
+from kvtier.plugins import TIERS
+from kvtier.policies import make_policy
+from kvtier.redact import redacted_dict
+from kvtier.units import Size, parse_size
 
-Size = typing.NewType("Size", int)
-SECRET_KEYS = ("secret_access_key", "password")
 ENV_PREFIX = "KVTIER_"
 # KVTIER_* variables read as themselves, not as config overrides (KVTIER_STATS_FILE: see connector/worker.py).
 NOT_OVERRIDES = ("KVTIER_CONFIG", "KVTIER_HOME", "KVTIER_LOG_LEVEL", "KVTIER_STATS_FILE")
@@ -29,7 +31,9 @@ NOT_OVERRIDES = ("KVTIER_CONFIG", "KVTIER_HOME", "KVTIER_LOG_LEVEL", "KVTIER_STA
 
 @dataclass(frozen=True)
 class CodecConfig:
-    name: Literal["none", "lz4", "zstd"] = "none"
+    """``name`` is a registered codec (none, lz4, zstd) or ``module:Class``; ``level`` goes to codecs with levels."""
+
+    name: str = "none"
     level: int = 3
     shuffle: bool = False
 
@@ -43,59 +47,16 @@ class PolicyConfig:
 
 
 @dataclass(frozen=True)
-class DramOptions:
-    pin_memory: Literal["auto", "always", "never"] = "auto"
-    page_size: Size = Size(64 * 1024)
-
-
-@dataclass(frozen=True)
-class DiskOptions:
-    path: str = "/tmp/kvtier/disk"
-    o_direct: bool = False
-    fsync: bool = False
-
-
-@dataclass(frozen=True)
-class S3Options:
-    bucket: str = ""
-    prefix: str = "kvtier"
-    endpoint_url: str | None = None
-    region: str | None = None
-    addressing_style: Literal["auto", "path", "virtual"] = "auto"
-    access_key_id: str | None = None
-    secret_access_key: str | None = field(default=None, repr=False)
-    max_concurrency: int = 16
-    connect_timeout_s: float = 2.0
-    read_timeout_s: float = 10.0
-    retries: int = 2
-    create_bucket: bool = False
-
-
-@dataclass(frozen=True)
-class RedisOptions:
-    url: str = "redis://127.0.0.1:6379/0"
-    password: str | None = field(default=None, repr=False)
-    tls: bool = False
-    tls_ca_file: str | None = None
-    key_prefix: str = "kvtier"
-    ttl_s: int = 0
-    socket_timeout_s: float = 2.0
-    shared_index: bool = False
-
-
-TierOptions = DramOptions | DiskOptions | S3Options | RedisOptions
-_OPTIONS_BY_KIND: dict[str, type] = {"dram": DramOptions, "disk": DiskOptions, "s3": S3Options, "redis": RedisOptions}
-_DEFAULT_CODEC = {"dram": "none", "disk": "lz4", "s3": "zstd", "redis": "lz4"}
-
-
-@dataclass(frozen=True)
 class TierConfig:
+    """``kind`` is a registered tier kind (dram, disk, s3, redis) or ``module:Class``; ``options`` is an instance
+    of that tier class's ``Options`` dataclass (its kind-specific keys)."""
+
     name: str
-    kind: Literal["dram", "disk", "s3", "redis"]
+    kind: str
     capacity: Size
     codec: CodecConfig
     policy: PolicyConfig
-    options: TierOptions
+    options: Any
     write_through: bool = False
 
 
@@ -155,13 +116,12 @@ class KVTierConfig:
             raise ConfigError(f"{source}: {exc}" if source else str(exc)) from None
 
     def to_dict(self, redact: bool = True) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        if redact:
-            for tier in data["tiers"]:
-                for secret in SECRET_KEYS:
-                    if tier["options"].get(secret):
-                        tier["options"][secret] = "***"
-        return data
+        """The resolved config as plain data; secrets masked and URLs without credentials unless ``redact``
+        is False."""
+        return redacted_dict(self) if redact else dataclasses.asdict(self)  # type: ignore[no-any-return]
+
+    def __repr__(self) -> str:
+        return f"KVTierConfig({redacted_dict(self)!r})"
 
 
 def default_config() -> KVTierConfig:
@@ -236,12 +196,13 @@ def _build_tier(raw: Any, path: str) -> TierConfig:
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{path}: expected a mapping with at least 'kind' and 'capacity'")
     kind = raw.get("kind")
-    if kind not in _OPTIONS_BY_KIND:
-        raise ConfigError(f"{path}.kind: expected one of {sorted(_OPTIONS_BY_KIND)}, got {kind!r}")
+    if kind is None:
+        raise ConfigError(f"{path}.kind: missing; expected one of {TIERS.names()} or 'package.module:Class'")
+    tier_cls = TIERS.resolve(kind, f"{path}.kind")
     if "capacity" not in raw:
         raise ConfigError(f"{path}.capacity: missing (a size like 64GiB)")
     common = {"name", "kind", "capacity", "codec", "policy", "write_through"}
-    codec_raw = raw.get("codec", _DEFAULT_CODEC[kind])
+    codec_raw = raw.get("codec", tier_cls.default_codec)
     if isinstance(codec_raw, str):
         codec_raw = {"name": codec_raw}
     policy_raw = raw.get("policy", "lru")
@@ -252,18 +213,22 @@ def _build_tier(raw: Any, path: str) -> TierConfig:
                       "params": {k: v for k, v in policy_raw.items() if k != "name"}}
     else:
         raise ConfigError(f"{path}.policy: expected a policy name or a mapping with 'name'")
-    option_fields = {f.name for f in dataclasses.fields(_OPTIONS_BY_KIND[kind])}
+    option_fields = {f.name for f in dataclasses.fields(tier_cls.Options)}
     for key in raw:
         if key not in common and key not in option_fields:
             known = ", ".join(sorted(common | option_fields))
             raise ConfigError(f"{path}.{key}: unknown key for a {kind} tier (expected one of: {known})")
-    options = _build_dataclass(_OPTIONS_BY_KIND[kind], {k: v for k, v in raw.items() if k not in common}, path)
+    options = _build_dataclass(tier_cls.Options, {k: v for k, v in raw.items() if k not in common}, path)
+    codec = _build_dataclass(CodecConfig, codec_raw, f"{path}.codec")
+    policy = _build_dataclass(PolicyConfig, policy_raw, f"{path}.policy")
+    make_codec(codec, f"{path}.codec")  # unknown names, bad levels and bad parameters fail here, not at start-up
+    make_policy(policy, f"{path}.policy")
     return TierConfig(
-        name=_check_type(raw.get("name", kind), str, f"{path}.name"),
+        name=_check_type(raw.get("name", kind.rpartition(":")[2].lower()), str, f"{path}.name"),
         kind=kind,
         capacity=_convert(raw["capacity"], Size, f"{path}.capacity"),
-        codec=_build_dataclass(CodecConfig, codec_raw, f"{path}.codec"),
-        policy=_build_dataclass(PolicyConfig, policy_raw, f"{path}.policy"),
+        codec=codec,
+        policy=policy,
         options=options,
         write_through=_check_type(raw.get("write_through", False), bool, f"{path}.write_through"),
     )
@@ -283,7 +248,10 @@ def _build_dataclass(cls: type, raw: Any, path: str, preset: Mapping[str, Any] |
     for name in fields:
         if name in raw:
             values[name] = _convert(raw[name], hints[name], _join(path, name))
-    return cls(**values)
+    try:
+        return cls(**values)
+    except ConfigError as exc:  # a dataclass's own checks (__post_init__) name the key relative to it
+        raise ConfigError(f"{_join(path, str(exc))}" if path else str(exc)) from None
 
 
 def _join(path: str, key: str) -> str:

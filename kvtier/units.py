@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import re
+import typing
+
+Size = typing.NewType("Size", int)  # a byte count; config values of this type accept "64GiB" etc.
 
 _UNITS = {
     "": 1, "b": 1,

@@ -18,7 +18,8 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from kvtier.config import KVTierConfig, S3Options
+from kvtier.config import KVTierConfig
+from kvtier.tiers.s3 import S3Options
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKER = ROOT / "docker"

@@ -1,27 +1,52 @@
-"""Codecs (none, lz4, zstd), the byte-plane shuffle filter and the checksummed block record."""
+"""Codecs (none, lz4, zstd, or ``package.module:Class``), the byte-plane shuffle and the checksummed record."""
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from kvtier.codecs.base import Codec
 from kvtier.codecs.lz4 import Lz4Codec
 from kvtier.codecs.none import NoneCodec
-from kvtier.codecs.record import HEADER_SIZE, decode_record, encode_record, read_header
+from kvtier.codecs.record import (
+    HEADER_SIZE,
+    RecordHeader,
+    decode_record,
+    encode_record,
+    max_record_size,
+    parse_header,
+    read_header,
+)
 from kvtier.codecs.zstd import ZstdCodec
-from kvtier.config import CodecConfig
+from kvtier.errors import CodecError, ConfigError
+from kvtier.plugins import CODECS
 
-__all__ = ["Codec", "BlockCodec", "Lz4Codec", "NoneCodec", "ZstdCodec", "HEADER_SIZE", "make_codec",
-           "decode_record", "encode_record", "read_header", "ALL_DECODERS"]
+if TYPE_CHECKING:
+    from kvtier.config import CodecConfig
 
+__all__ = ["Codec", "BlockCodec", "Lz4Codec", "NoneCodec", "ZstdCodec", "HEADER_SIZE", "RecordHeader", "make_codec",
+           "decode_record", "encode_record", "max_record_size", "parse_header", "read_header", "ALL_DECODERS",
+           "codec_name"]
 
-def make_codec(cfg: CodecConfig) -> Codec:
-    if cfg.name == "lz4":
-        return Lz4Codec()
-    if cfg.name == "zstd":
-        return ZstdCodec(cfg.level)
-    return NoneCodec()
-
-
+# The built-in codecs can decode any record they wrote, whatever the tier's current settings.
 ALL_DECODERS: dict[int, Codec] = {c.codec_id: c for c in (NoneCodec(), Lz4Codec(), ZstdCodec())}
+
+
+def make_codec(cfg: CodecConfig, path: str = "codec") -> Codec:
+    """The codec a tier's ``codec`` settings name; ConfigError naming ``path`` when they are invalid."""
+    cls = CODECS.resolve(cfg.name, f"{path}.name")
+    builtin = ALL_DECODERS.get(getattr(cls, "codec_id", -1))
+    if builtin is not None and type(builtin) is not cls:
+        raise ConfigError(f"{path}.name: {cfg.name!r} reuses codec id {cls.codec_id} of the built-in "
+                          f"{builtin.name!r}; choose an unused id (3..255)")
+    try:
+        return cls.create(cfg.level)
+    except CodecError as exc:
+        raise ConfigError(f"{path}.level: {exc}") from None
+
+
+def codec_name(codec_id: int) -> str:
+    codec = ALL_DECODERS.get(codec_id)
+    return codec.name if codec is not None else f"codec{codec_id}"
 
 
 class BlockCodec:
@@ -31,13 +56,15 @@ class BlockCodec:
         self.cfg = cfg
         self.codec = make_codec(cfg)
         self.checksum_alg = checksum_alg
+        self._decoders = {**ALL_DECODERS, self.codec.codec_id: self.codec}
 
     def encode(self, key: bytes, raw: bytes | memoryview) -> bytes:
         return encode_record(key, raw, self.codec, self.cfg.shuffle, self.checksum_alg)
 
-    def decode(self, key: bytes, record: bytes | memoryview) -> bytes:
-        """Raises CorruptBlockError unless ``record`` is exactly what ``encode(key, raw)`` produced."""
-        return decode_record(record, key, ALL_DECODERS)
+    def decode(self, key: bytes, record: bytes | memoryview, raw_size: int | None = None) -> bytes:
+        """Raises CorruptBlockError unless ``record`` is exactly what ``encode(key, raw)`` produced (and ``raw``
+        has ``raw_size`` bytes, when given)."""
+        return decode_record(record, key, self._decoders, raw_size)
 
     def same_format(self, other: BlockCodec) -> bool:
         return self.cfg == other.cfg and self.checksum_alg == other.checksum_alg

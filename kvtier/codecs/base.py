@@ -6,14 +6,22 @@ from abc import ABC, abstractmethod
 
 
 class Codec(ABC):
-    """Contract: ``decode(encode(data), len(data)) == data`` for any bytes-like ``data``.
+    """Contract (tests/test_codecs.py runs it against every codec):
 
-    ``codec_id`` is stored in each record and must never change for a given codec. ``decode`` raises
-    CodecError on malformed input (never returns bytes of the wrong length).
+    ``decode(encode(data), len(data)) == data`` for any bytes-like ``data``. ``codec_id`` (0..255) is stored in
+    each record and must never change for a given codec, nor be shared with another codec. ``decode`` never
+    produces more than ``raw_size`` bytes (it must bound its output by it, not trust the payload) and raises on
+    malformed input; the record layer turns any exception into a corrupt record. Instances are thread-safe.
+    Plug-in codecs are named ``package.module:ClassName`` in a tier's ``codec.name``.
     """
 
     codec_id: int
     name: str
+
+    @classmethod
+    def create(cls, level: int) -> Codec:
+        """An instance for a tier's ``codec`` settings; codecs without levels ignore ``level``."""
+        return cls()
 
     @abstractmethod
     def encode(self, data: bytes | memoryview) -> bytes: ...

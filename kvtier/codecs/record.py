@@ -1,24 +1,28 @@
-"""The on-storage block record: a fixed header, then the codec payload.
+"""The on-storage block record: a fixed header, then the codec payload. This module owns the format.
 
 Header (little-endian, 56 bytes):
   magic "KVTB" | version u8 | codec_id u8 | flags u8 (bit0 = shuffle16) | checksum_alg u8
   raw_size u64 | payload_size u64 | checksum u64 (of the raw bytes) | key 16 bytes | header crc32 u32 | pad u32
 
-``decode_record`` checks every field, the key the caller asked for and the checksum of the decoded bytes, so
-a record that was truncated, flipped, overwritten with another block or with garbage raises
-CorruptBlockError; it never returns wrong bytes.
+``decode_record`` checks every field, the key the caller asked for, the raw size the caller expects (before
+anything is allocated) and the checksum of the decoded bytes, so a record that was truncated, flipped,
+overwritten with another block, forged or garbage raises CorruptBlockError; it never returns wrong bytes and
+never lets a codec's own exception through. ``parse_header`` reads a header without the payload (inspect, gc,
+size checks before a read).
 """
 
 from __future__ import annotations
 
 import struct
 import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 import xxhash
 
 from kvtier.codecs.base import Codec
 from kvtier.codecs.shuffle import shuffle16, unshuffle16
-from kvtier.errors import CodecError, CorruptBlockError
+from kvtier.errors import CorruptBlockError
 
 MAGIC = b"KVTB"
 VERSION = 1
@@ -29,12 +33,32 @@ _CRC = struct.Struct("<II")
 HEADER_SIZE = _HEAD.size + _CRC.size
 
 
+@dataclass(frozen=True)
+class RecordHeader:
+    codec_id: int
+    flags: int
+    checksum_alg: int
+    raw_size: int
+    payload_size: int
+    checksum: int
+    key: bytes
+
+    @property
+    def shuffled(self) -> bool:
+        return bool(self.flags & FLAG_SHUFFLE)
+
+
 def checksum(data: bytes | memoryview, alg_id: int) -> int:
     if alg_id == 1:
         return xxhash.xxh3_64_intdigest(data)
     if alg_id == 2:
         return zlib.crc32(data)
     raise CorruptBlockError(f"unknown checksum algorithm id {alg_id}")
+
+
+def max_record_size(raw_size: int) -> int:
+    """An upper bound on the size of any valid record of ``raw_size`` raw bytes (codecs may expand a little)."""
+    return HEADER_SIZE + raw_size + raw_size // 64 + 1024
 
 
 def encode_record(key: bytes, raw: bytes | memoryview, codec: Codec, shuffle: bool = False,
@@ -47,32 +71,44 @@ def encode_record(key: bytes, raw: bytes | memoryview, codec: Codec, shuffle: bo
     return b"".join((head, _CRC.pack(zlib.crc32(head), 0), payload))
 
 
-def read_header(record: bytes | memoryview) -> tuple[int, int, int, int, int, int, bytes]:
-    """Return (codec_id, flags, checksum_alg, raw_size, payload_size, checksum, key) after validating it."""
-    if len(record) < HEADER_SIZE:
-        raise CorruptBlockError(f"record of {len(record)} bytes is shorter than its header")
-    head = bytes(record[:_HEAD.size])
-    magic, version, codec_id, flags, alg, raw_size, payload_size, digest, key = _HEAD.unpack(head)
-    crc, _ = _CRC.unpack_from(record, _HEAD.size)
-    if magic != MAGIC or version != VERSION or crc != zlib.crc32(head):
+def parse_header(head: bytes | memoryview, total_size: int) -> RecordHeader:
+    """The header of a record of ``total_size`` bytes from its first HEADER_SIZE bytes (payload not needed)."""
+    if total_size < HEADER_SIZE or len(head) < HEADER_SIZE:
+        raise CorruptBlockError(f"record of {total_size} bytes is shorter than its header")
+    packed = bytes(head[:_HEAD.size])
+    magic, version, codec_id, flags, alg, raw_size, payload_size, digest, key = _HEAD.unpack(packed)
+    crc, _ = _CRC.unpack_from(head, _HEAD.size)
+    if magic != MAGIC or version != VERSION or crc != zlib.crc32(packed):
         raise CorruptBlockError("record header is damaged (magic, version or header crc)")
-    if len(record) != HEADER_SIZE + payload_size:
-        raise CorruptBlockError(f"record is {len(record)} bytes, header says {HEADER_SIZE + payload_size}")
-    return codec_id, flags, alg, raw_size, payload_size, digest, key
+    if total_size != HEADER_SIZE + payload_size:
+        raise CorruptBlockError(f"record is {total_size} bytes, header says {HEADER_SIZE + payload_size}")
+    return RecordHeader(codec_id, flags, alg, raw_size, payload_size, digest, key)
 
 
-def decode_record(record: bytes | memoryview, key: bytes, codecs: dict[int, Codec]) -> bytes:
-    codec_id, flags, alg, raw_size, _, digest, stored_key = read_header(record)
-    if stored_key != key:
+def read_header(record: bytes | memoryview) -> RecordHeader:
+    return parse_header(record, len(record))
+
+
+def decode_record(record: bytes | memoryview, key: bytes, codecs: Mapping[int, Codec],
+                  raw_size: int | None = None) -> bytes:
+    """The verified raw bytes of ``record``; ``raw_size`` (when given) is the only size accepted."""
+    head = read_header(record)
+    if head.key != key:
         raise CorruptBlockError("record belongs to a different key")
-    codec = codecs.get(codec_id)
+    if raw_size is not None and head.raw_size != raw_size:
+        raise CorruptBlockError(f"record claims {head.raw_size} raw bytes, a block here has {raw_size}")
+    if head.payload_size > max_record_size(head.raw_size) - HEADER_SIZE:
+        raise CorruptBlockError(f"payload of {head.payload_size} bytes is too large for {head.raw_size} raw bytes")
+    codec = codecs.get(head.codec_id)
     if codec is None:
-        raise CorruptBlockError(f"record uses unknown codec id {codec_id}")
+        raise CorruptBlockError(f"record uses unknown codec id {head.codec_id}")
     try:
-        body = codec.decode(memoryview(record)[HEADER_SIZE:], raw_size)
-    except CodecError as exc:
-        raise CorruptBlockError(f"payload does not decode: {exc}") from exc
-    raw = unshuffle16(body) if flags & FLAG_SHUFFLE else body
-    if checksum(raw, alg) != digest:
+        body = codec.decode(memoryview(record)[HEADER_SIZE:], head.raw_size)
+    except Exception as exc:  # any codec (built-in or plug-in) failing on hostile bytes is a corrupt record
+        raise CorruptBlockError(f"payload does not decode: {type(exc).__name__}: {exc}") from exc
+    if len(body) != head.raw_size:
+        raise CorruptBlockError(f"payload decoded to {len(body)} bytes, header says {head.raw_size}")
+    raw = unshuffle16(body) if head.shuffled else body
+    if checksum(raw, head.checksum_alg) != head.checksum:
         raise CorruptBlockError("checksum mismatch")
     return raw

@@ -14,8 +14,12 @@ class ZstdCodec(Codec):
     codec_id = 2
     name = "zstd"
 
+    @classmethod
+    def create(cls, level: int) -> ZstdCodec:
+        return cls(level)
+
     def __init__(self, level: int = 3) -> None:
-        if not 1 <= level <= 22:
+        if isinstance(level, bool) or not isinstance(level, int) or not 1 <= level <= 22:
             raise CodecError(f"zstd: level must be 1..22, got {level}")
         self.level = level
         self._local = threading.local()

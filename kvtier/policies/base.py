@@ -19,7 +19,8 @@ class EvictionPolicy(ABC):
       tracking exactly those, or, when that is impossible (not enough evictable bytes), returns ``[]`` and
       changes nothing. ``evict(0)`` returns ``[]``. Protected keys are never returned.
     - ``protect``/``unprotect`` mark keys that must not be evicted (e.g. blocks being loaded right now).
-    - ``update_scores`` feeds per-block importance (attention); policies that do not use it ignore it.
+    - ``update_scores``, ``mark_sink`` and ``set_parent`` feed attention-aware policies (scores, first blocks of
+      sequences, prefix links); the defaults ignore them.
     - Not thread-safe by itself: the owning tier serialises calls under its lock.
     """
 
@@ -65,3 +66,9 @@ class EvictionPolicy(ABC):
 
     def update_scores(self, scores: Mapping[BlockKey, float]) -> None:
         """Per-block importance; ignored by policies that do not use it."""
+
+    def mark_sink(self, keys: Iterable[BlockKey]) -> None:
+        """First blocks of sequences (attention sinks); ignored by policies that do not protect them."""
+
+    def set_parent(self, key: BlockKey, parent: BlockKey) -> None:
+        """``key`` extends ``parent`` (prefix link); ignored by policies that do not evict tails first."""

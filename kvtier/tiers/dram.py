@@ -14,17 +14,33 @@ well below the block size to keep that waste small.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
 from kvtier.codecs import BlockCodec
-from kvtier.config import DramOptions
-from kvtier.errors import TierError
+from kvtier.errors import ConfigError, TierError
 from kvtier.keys import BlockKey
 from kvtier.policies.base import EvictionPolicy
 from kvtier.tiers.base import Tier
+from kvtier.units import Size
 
 log = logging.getLogger(__name__)
+
+
+MIN_PAGE_SIZE = 512
+
+
+@dataclass(frozen=True)
+class DramOptions:
+    pin_memory: Literal["auto", "always", "never"] = "auto"
+    page_size: Size = Size(64 * 1024)
+
+    def __post_init__(self) -> None:
+        if self.page_size < MIN_PAGE_SIZE:
+            raise ConfigError(f"page_size: at least {MIN_PAGE_SIZE} bytes (a block takes whole pages), "
+                              f"got {self.page_size}")
 
 
 def _want_pinned(mode: str) -> bool:
@@ -46,6 +62,8 @@ def _runs(pages: list[int]) -> list[tuple[int, int]]:
 
 class DramTier(Tier):
     kind = "dram"
+    Options = DramOptions
+    hit_source = "host"
 
     def __init__(self, name: str, capacity: int, codec: BlockCodec, policy: EvictionPolicy,
                  options: DramOptions) -> None:
