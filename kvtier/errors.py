@@ -26,6 +26,3 @@ class TierError(KVTierError):
 class TierFullError(TierError):
     """A record cannot fit in a tier even after evicting everything evictable."""
 
-
-class PolicyError(KVTierError):
-    """An eviction policy was misused or could not be loaded."""

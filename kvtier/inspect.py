@@ -20,27 +20,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
-import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvtier.codecs import ALL_DECODERS, HEADER_SIZE, read_header
-from kvtier.codecs.record import FLAG_SHUFFLE
-from kvtier.config import DiskOptions, KVTierConfig, RedisOptions, S3Options
+from kvtier.codecs import HEADER_SIZE, codec_name, parse_header
+from kvtier.config import KVTierConfig
 from kvtier.errors import ConfigError, CorruptBlockError, KVTierError, TierError
+from kvtier.tiers.base import StoredBlock, Tier
+from kvtier.tiers.factory import make_tier
 from kvtier.units import format_size, parse_size
 
 NOTE = ("records hold the block key (a hash that folds in the model fingerprint), not the fingerprint; blocks "
         "are grouped by namespace, codec and raw block size, which the model's KV layout and block size fix")
-_HEX32 = re.compile(r"[0-9a-f]{32}")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$")
 _SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+AGE_BASIS = {"redis": "idle"}  # what an entry's age means: since written (disk, S3) or last used (Redis)
 
 
 @dataclass
@@ -53,197 +51,52 @@ class Entry:
     age_s: float | None       # see the module docstring for what age means per source
     codec: str | None = None  # e.g. "lz4+shuffle"; None when the header is unreadable (corrupt)
     raw_size: int = 0
+    block: StoredBlock | None = None  # what the tier listed, for removal
 
 
 def describe_record(head: bytes, total_size: int) -> tuple[str, int]:
     """(codec label, raw size) from a record's first HEADER_SIZE bytes; raises CorruptBlockError."""
-    if total_size < HEADER_SIZE or len(head) < HEADER_SIZE:
-        raise CorruptBlockError(f"record of {total_size} bytes is shorter than its header")
-    # read_header checks the stored length against the header's payload size: give it a record of that length
-    # without fetching the payload (zeros after the header; the payload itself is not examined).
-    padded = bytes(head[:HEADER_SIZE]) + bytes(total_size - HEADER_SIZE)
-    codec_id, flags, _, raw_size, _, _, _ = read_header(padded)
-    codec = ALL_DECODERS.get(codec_id)
-    name = codec.name if codec is not None else f"codec{codec_id}"
-    return name + ("+shuffle" if flags & FLAG_SHUFFLE else ""), raw_size
+    header = parse_header(head, total_size)
+    return codec_name(header.codec_id) + ("+shuffle" if header.shuffled else ""), header.raw_size
 
 
-def _described(entry: Entry, head: bytes | None) -> Entry:
-    if head is not None:
-        try:
-            entry.codec, entry.raw_size = describe_record(head, entry.size)
-        except CorruptBlockError:
-            pass
-    return entry
+@dataclass
+class Source:
+    """A tier's storage to inspect: its own namespace, or a wider ``scope`` (an S3 or Redis key prefix)."""
 
+    tier: Tier
+    scope: str | None = None
 
-# ---- disk -----------------------------------------------------------------------------------------------------
+    @property
+    def label(self) -> str:
+        return f"{self.tier.kind} {self.tier.location(self.scope)}"
 
-class DiskStore:
-    kind = "disk"
-    age_basis = "written"
+    @property
+    def kind(self) -> str:
+        return self.tier.kind
 
-    def __init__(self, root: str | os.PathLike[str]) -> None:
-        self.root = Path(root)
-        self.label = f"disk {self.root}"
-        if not self.root.is_dir():
-            raise TierError(f"{self.label}: not a directory")
+    @property
+    def age_basis(self) -> str:
+        return AGE_BASIS.get(self.tier.kind, "written")
 
     def entries(self) -> Iterator[Entry]:
-        now = time.time()
-        for sub in sorted(os.scandir(self.root), key=lambda d: d.name):
-            if len(sub.name) != 2 or not sub.is_dir():
-                continue
-            for item in os.scandir(sub.path):
-                stem = item.name[:-4] if item.name.endswith(".kvb") else ""
-                if not _HEX32.fullmatch(stem) or not stem.startswith(sub.name):
-                    continue  # temp files of writes in flight, anything else
-                try:
-                    st = item.stat()
-                    with open(item.path, "rb") as f:
-                        head = f.read(HEADER_SIZE)
-                except FileNotFoundError:
-                    continue  # removed since the listing
-                entry = Entry(item.path, str(self.root), st.st_size, max(0.0, now - st.st_mtime))
-                yield _described(entry, head)
+        listed = list(self.tier.entries(self.scope))
+        for start in range(0, len(listed), 1000):
+            chunk = listed[start:start + 1000]
+            for block, head in zip(chunk, self.tier.read_heads(chunk, HEADER_SIZE)):
+                entry = Entry(block.name, block.namespace, block.size, block.age_s, block=block)
+                if head is not None:
+                    try:
+                        entry.codec, entry.raw_size = describe_record(head, block.size)
+                    except CorruptBlockError:
+                        pass
+                yield entry
 
     def delete(self, entries: Sequence[Entry]) -> None:
-        for entry in entries:
-            try:
-                os.unlink(entry.name)
-            except FileNotFoundError:
-                pass
+        self.tier.remove([e.block for e in entries if e.block is not None])
 
-
-# ---- S3 -------------------------------------------------------------------------------------------------------
-
-class S3Store:
-    kind = "s3"
-    age_basis = "written"
-
-    def __init__(self, options: S3Options, prefix: str | None = None) -> None:
-        from kvtier.tiers.s3 import make_s3_client
-        from kvtier.tiers.shared import redact_url
-
-        self.bucket = options.bucket
-        if prefix is None:  # a tier's own prefix: exactly its objects, {prefix}/{hh}/{hash}
-            prefix = options.prefix.strip("/") + "/" if options.prefix.strip("/") else ""
-        self.prefix = prefix  # given on the command line: a plain S3 prefix, which may span namespaces
-        self.label = f"s3 {redact_url(options.endpoint_url)}/{self.bucket}/{self.prefix}"
-        self.client = make_s3_client(options)
-        self.workers = max(1, options.max_concurrency)
-
-    def _listing(self) -> Iterator[dict[str, Any]]:
-        request: dict[str, Any] = {"Bucket": self.bucket, "Prefix": self.prefix, "MaxKeys": 1000}
-        while True:
-            page = self._call("list", self.client.list_objects_v2, **request)
-            yield from page.get("Contents", ())
-            token = page.get("NextContinuationToken")
-            if not page.get("IsTruncated") or not token:
-                return
-            request["ContinuationToken"] = token
-
-    def _call(self, op: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        try:
-            return fn(*args, **kwargs)
-        except (BotoCoreError, ClientError) as exc:  # the label names endpoint and bucket, never credentials
-            raise TierError(f"{self.label}: {op} failed: {type(exc).__name__}: {exc}") from None
-
-    def _head(self, item: dict[str, Any]) -> bytes | None:
-        try:
-            response = self._call("get", self.client.get_object, Bucket=self.bucket, Key=item["Key"],
-                                  Range=f"bytes=0-{HEADER_SIZE - 1}")
-            return bytes(response["Body"].read())
-        except TierError:
-            return None  # an unreadable object is reported as corrupt
-
-    def entries(self) -> Iterator[Entry]:
-        now = time.time()
-        items = []
-        for item in self._listing():
-            key = str(item["Key"])
-            namespace, _, name = key.rpartition("/")
-            namespace, _, fan = namespace.rpartition("/")
-            if _HEX32.fullmatch(name) and fan == name[:2]:
-                items.append((item, namespace))
-        with ThreadPoolExecutor(self.workers) as pool:
-            heads = pool.map(self._head, [item for item, _ in items])
-            for (item, namespace), head in zip(items, heads):
-                age = now - item["LastModified"].timestamp() if item.get("LastModified") else None
-                yield _described(Entry(str(item["Key"]), namespace, int(item["Size"]), age), head)
-
-    def delete(self, entries: Sequence[Entry]) -> None:
-        names = [e.name for e in entries]
-        for start in range(0, len(names), 1000):
-            batch = {"Objects": [{"Key": n} for n in names[start:start + 1000]], "Quiet": True}
-            result = self._call("delete", self.client.delete_objects, Bucket=self.bucket, Delete=batch)
-            if result.get("Errors"):
-                first = result["Errors"][0]
-                raise TierError(f"{self.label}: {len(result['Errors'])} deletes failed, first: "
-                                f"{first.get('Key')}: {first.get('Code')}")
-
-
-# ---- Redis ----------------------------------------------------------------------------------------------------
-
-class RedisStore:
-    kind = "redis"
-    age_basis = "idle"
-
-    def __init__(self, options: RedisOptions, exact: bool = True) -> None:
-        from kvtier.tiers.redis import make_redis_client
-        from kvtier.tiers.shared import redact_url
-
-        self.prefix = options.key_prefix
-        self.pattern = f"{self.prefix}:b:*" if exact else f"{self.prefix}*:b:*"
-        self.label = f"redis {redact_url(options.url)} {self.pattern}"
-        self.client = make_redis_client(options)
-
-    def _call(self, op: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        from redis.exceptions import RedisError
-
-        try:
-            return fn(*args, **kwargs)
-        except (RedisError, OSError, TierError) as exc:  # the label shows the URL without credentials
-            raise TierError(f"{self.label}: {op} failed: {type(exc).__name__}: {exc}") from None
-
-    def entries(self) -> Iterator[Entry]:
-        names = self._call("scan", list, self.client.scan_iter(match=self.pattern, count=1000))
-        for start in range(0, len(names), 500):
-            chunk = names[start:start + 500]
-            pipe = self.client.pipeline(transaction=False)
-            for name in chunk:  # IDLETIME first: GETRANGE counts as an access and would reset it
-                pipe.object("idletime", name)
-                pipe.strlen(name)
-                pipe.getrange(name, 0, HEADER_SIZE - 1)
-            replies = self._call("read", pipe.execute, raise_on_error=False)
-            for i, raw_name in enumerate(chunk):
-                idle, size, head = replies[3 * i:3 * i + 3]
-                name = bytes(raw_name).decode(errors="replace")
-                namespace, _, hexkey = name.rpartition(":b:")
-                if not _HEX32.fullmatch(hexkey) or isinstance(size, Exception) or not size:
-                    continue  # not a block, or gone since the scan
-                age = float(idle) if isinstance(idle, int) else None
-                head_bytes = bytes(head) if isinstance(head, bytes) else None
-                yield _described(Entry(name, namespace, int(size), age), head_bytes)
-
-    def delete(self, entries: Sequence[Entry]) -> None:
-        from kvtier.tiers.redis import RedisPrefixIndex
-
-        by_namespace: dict[str, list[Entry]] = {}
-        for entry in entries:
-            by_namespace.setdefault(entry.namespace, []).append(entry)
-        for namespace, group in by_namespace.items():
-            for start in range(0, len(group), 500):
-                chunk = group[start:start + 500]
-                self._call("delete", self.client.delete, *[e.name for e in chunk])
-                keys = [bytes.fromhex(e.name.rpartition(":b:")[2]) for e in chunk]
-                # Drop them from the shared index too, if that namespace keeps one (a no-op otherwise).
-                self._call("index update", RedisPrefixIndex(self.client, namespace).remove, keys)
-
-
-Store = DiskStore | S3Store | RedisStore  # each has label, kind, age_basis, entries() and delete(entries)
+    def close(self) -> None:
+        self.tier.close()
 
 
 # ---- reports --------------------------------------------------------------------------------------------------
@@ -268,7 +121,7 @@ class Group:
                 "newest_age_s": round(min(self.ages), 3) if self.ages else None}
 
 
-def summarize(store: Store, entries: Sequence[Entry]) -> dict[str, Any]:
+def summarize(store: Source, entries: Sequence[Entry]) -> dict[str, Any]:
     total, corrupt = Group(), Group()
     codecs: dict[str, Group] = {}
     groups: dict[tuple[str, str, int], Group] = {}
@@ -339,28 +192,41 @@ def print_summary(report: dict[str, Any]) -> None:
 
 # ---- command line ---------------------------------------------------------------------------------------------
 
-def open_stores(args: argparse.Namespace) -> list[Store]:
+def open_tier(kind: str, options: dict[str, Any], label: str) -> Tier:
+    """A tier of ``kind`` over existing storage, unbounded and with no eviction (inspect and gc only read and
+    delete what is listed)."""
+    cfg = KVTierConfig.from_dict({"tiers": [{"kind": kind, "capacity": 0, "codec": "none", **options}]}, env={})
+    try:
+        return make_tier(cfg.tiers[0], path=label)
+    except TierError as exc:
+        raise TierError(f"{label}: {exc}") from None
+
+
+def open_stores(args: argparse.Namespace) -> list[Source]:
     if args.disk:
-        return [DiskStore(args.disk)]
+        if not Path(args.disk).is_dir():
+            raise TierError(f"disk {args.disk}: not a directory")
+        return [Source(open_tier("disk", {"path": args.disk}, "--disk"))]
     if args.s3:
         bucket, _, prefix = args.s3.removeprefix("s3://").partition("/")
         if len(bucket) < 3:
             raise ConfigError(f"--s3: expected s3://BUCKET[/PREFIX], got {args.s3!r}")
-        return [S3Store(S3Options(bucket=bucket, prefix="", endpoint_url=args.endpoint, region=args.region or
-                                  "us-east-1", addressing_style="path" if args.endpoint else "auto"), prefix)]
+        options = {"bucket": bucket, "prefix": "", "endpoint_url": args.endpoint, "region": args.region or "us-east-1",
+                   "addressing_style": "path" if args.endpoint else "auto"}
+        return [Source(open_tier("s3", options, "--s3"), scope=prefix)]
     if args.redis:
-        return [RedisStore(RedisOptions(url=args.redis, key_prefix=args.prefix), exact=False)]
+        return [Source(open_tier("redis", {"url": args.redis, "key_prefix": args.prefix}, "--redis"),
+                       scope=args.prefix)]
     cfg = KVTierConfig.from_yaml(args.config)
-    stores: list[Store] = []
-    for tier in cfg.tiers:
-        if isinstance(tier.options, DiskOptions):
-            stores.append(DiskStore(tier.options.path))
-        elif isinstance(tier.options, S3Options):
-            stores.append(S3Store(tier.options))
-        elif isinstance(tier.options, RedisOptions):
-            stores.append(RedisStore(tier.options))
-        else:
-            print(f"{tier.name}: DRAM lives inside the engine process; nothing to inspect", file=sys.stderr)
+    stores: list[Source] = []
+    for i, tier_cfg in enumerate(cfg.tiers):
+        tier = make_tier(tier_cfg, cfg.checksum, f"tiers[{i}]")
+        if not tier.persistent:
+            tier.close()
+            print(f"{tier_cfg.name}: {tier_cfg.kind} lives inside the engine process; nothing to inspect",
+                  file=sys.stderr)
+            continue
+        stores.append(Source(tier))
     return stores
 
 
@@ -383,7 +249,7 @@ def build_parser(command: str) -> argparse.ArgumentParser:
     return parser
 
 
-def run_gc(store: Store, entries: list[Entry], args: argparse.Namespace, max_bytes: int | None) -> dict[str, Any]:
+def run_gc(store: Source, entries: list[Entry], args: argparse.Namespace, max_bytes: int | None) -> dict[str, Any]:
     max_age = parse_duration(args.max_age) if args.max_age else None
     victims = plan_gc(entries, max_age, max_bytes)
     if victims and not args.dry_run:
@@ -409,8 +275,11 @@ def main(argv: list[str]) -> int:
                 raise ConfigError(f"--max-size: {exc}, got {args.max_size!r}") from None
     reports = []
     for store in open_stores(args):
-        entries = list(store.entries())
-        report = run_gc(store, entries, args, max_bytes) if command == "gc" else summarize(store, entries)
+        try:
+            entries = list(store.entries())
+            report = run_gc(store, entries, args, max_bytes) if command == "gc" else summarize(store, entries)
+        finally:
+            store.close()
         reports.append(report)
         if not args.json:
             if command == "gc":

@@ -12,6 +12,7 @@ them. On CPU the same code runs with plain tensors.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -61,7 +62,7 @@ class KVLayout:
             self._copy_rows(block_ids, host, out=True)
             return host
         idx = torch.tensor(list(block_ids), dtype=torch.long, device=self.device)
-        ctx = torch.cuda.stream(self._stream) if self._stream is not None else _null()
+        ctx = torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext()
         with ctx:
             if self._stream is not None:
                 self._stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -85,7 +86,7 @@ class KVLayout:
             self._copy_rows(block_ids, host, out=False)
             return
         idx = torch.tensor(list(block_ids), dtype=torch.long, device=self.device)
-        ctx = torch.cuda.stream(self._stream) if self._stream is not None else _null()
+        ctx = torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext()
         with ctx:
             src = host.to(self.device, non_blocking=True) if self.is_cuda else host
             offset = 0
@@ -123,10 +124,3 @@ def _find_block_dim(kv: torch.Tensor, num_blocks: int | None) -> int:
     # Without a block count: a leading K/V pair dimension of size 2 means blocks are next.
     return 1 if kv.dim() >= 5 and kv.shape[0] == 2 else 0
 
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None

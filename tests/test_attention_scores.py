@@ -23,7 +23,6 @@ from kvtier.attention.scores import (
     window_block_mass,
 )
 from kvtier.config import AttentionConfig, KVTierConfig
-from kvtier.connector.metadata import KVTierMetadata, LoadSpec
 from kvtier.tiers.stack import TierStack
 
 BS = 8  # block size of the unit tests
@@ -269,10 +268,9 @@ def test_scores_sinks_and_links_reach_the_policy_and_protections_hold() -> None:
     keys = [key(i) for i in range(4)]
     for i, kk in enumerate(keys):
         stack.put(kk, bytes(64 * 1024 - 100))  # stored before the scores arrive (see the future below)
-    meta = KVTierMetadata(saves=[(kk, i + 1) for i, kk in enumerate(keys)], sinks=[keys[0]],
-                          links=[(keys[i], keys[i - 1]) for i in range(1, 4)])
     done: Future[None] = Future()
-    feed.on_step_end(meta, done)
+    feed.on_step_end([(kk, i + 1) for i, kk in enumerate(keys)], [keys[0]],
+                     [(keys[i], keys[i - 1]) for i in range(1, 4)], done)
     policy = stack.tiers[0].policy
     assert policy.score(keys[2]) == pytest.approx(1.0)  # not applied until the store completes
     done.set_result(None)
@@ -290,18 +288,18 @@ def test_loads_restore_summaries_and_rewrites_forget_block_keys() -> None:
     feed, capture, layers = feed_with_blocks(stack, 8)
     q, k = qk(16, 16)
     run_layers(layers, step_meta([([3, 4], 0, 16)]), q, k)
-    feed.on_step_end(KVTierMetadata(saves=[(key(1), 3), (key(2), 4)]), None)
+    feed.on_step_end([(key(1), 3), (key(2), 4)], [], [], None)
     before = capture.layers["l0"].sum[3].clone()
     # Later the same key is loaded into block 7: its summary and exact keys follow the key; an unknown key
     # starts empty.
-    feed.on_loads([LoadSpec("r", [key(1), key(5)], [7, 8])])
+    feed.on_loads([[(key(1), 7), (key(5), 8)]])
     assert torch.equal(capture.layers["l0"].sum[7], before) and float(capture.layers["l0"].count[8]) == 0.0
     assert capture.exact is not None
     held = capture.exact.get(0, 7, 8)
     assert held is not None and torch.allclose(held.float(), k[:8]) and capture.exact.get(0, 8, 8) is None
     # Block 3 is rewritten at offset 0 by another request: it no longer holds key(1).
     run_layers(layers, step_meta([([3], 0, 2)]), q[:2], k[:2])
-    feed.on_step_end(KVTierMetadata(), None)
+    feed.on_step_end([], [], [], None)
     assert 3 not in feed._block_keys and feed._block_keys[4] == key(2)
     assert capture.enabled
 
@@ -317,7 +315,7 @@ def test_feed_is_not_created_for_policies_that_ignore_scores() -> None:
 def test_greedy_outputs_unchanged_with_window_capture(tmp_path: Path) -> None:
     from e2e.run import full_blocks, run_driver
 
-    from kvtier.models import build_model
+    from kvtier_bench.models import build_model
 
     model = build_model("tiny")
     script = {"model": model, "turns": 3, "system_len": 300, "question_len": 100, "max_tokens": 16,
@@ -335,7 +333,7 @@ def test_greedy_outputs_unchanged_with_window_capture(tmp_path: Path) -> None:
 
 
 def test_shuffled_control_keeps_the_values_but_not_the_assignment() -> None:
-    from kvtier.attention.controls import ShuffledScoresPolicy
+    from kvtier_bench.controls import ShuffledScoresPolicy
 
     policy = ShuffledScoresPolicy(protect_recent=0, default_score=0.0, shuffle_seed=3, clock=lambda: 0.0)
     for i in range(40):

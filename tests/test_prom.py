@@ -148,6 +148,7 @@ def run_traffic(side: WorkerSide) -> None:
     side.drain()
     side.start_load_kv(KVTierMetadata(loads=[LoadSpec("r1", keys, list(range(9, 15))),
                                              LoadSpec("r2", [b"\xee" * 16], [15])]))
+    side.drain()  # promotions of the disk hits run in the background
 
 
 # ---- the vLLM hook ------------------------------------------------------------------------------------------

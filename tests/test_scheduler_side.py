@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 from kvtier.config import KVTierConfig
 from kvtier.connector.metadata import KVTierWorkerMeta
+from kvtier.connector.placement import StartupPlacement
 from kvtier.connector.scheduler import SchedulerSide
 from kvtier.keys import ModelFingerprint, block_keys
 
@@ -87,11 +88,12 @@ def test_reset_clears_index_and_tells_the_worker(tmp_path) -> None:  # type: ign
     s = side(tmp_path)
     stored(s, block_keys(FP, list(range(8)), BS))
     assert s.reset_cache() is True
-    assert not s.index and s.build_connector_meta(sched_output()).clear_store
+    assert not len(s.index) and s.build_connector_meta(sched_output()).clear_store
 
 
-def test_disk_blocks_from_a_previous_run_are_known_at_start(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    key = block_keys(FP, list(range(4)), BS)[0]
-    (tmp_path / key.hex()[:2]).mkdir()
-    (tmp_path / key.hex()[:2] / f"{key.hex()}.kvb").write_bytes(b"x")
-    assert side(tmp_path).index == {key: "disk"}
+def test_what_workers_restored_at_start_up_is_known_before_the_first_step(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    keys = block_keys(FP, list(range(12)), BS)
+    s = side(tmp_path)
+    stored(s, keys[2:3], tier="dram")  # a step's report is newer than any start-up report
+    s.learn_startup([StartupPlacement.pack([("disk", keys[:3])]), StartupPlacement.pack([("s3", keys)])])
+    assert [s.index.tier_of(k) for k in keys] == ["disk", "disk", "dram"]

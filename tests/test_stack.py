@@ -51,12 +51,14 @@ def test_spill_to_disk_then_promote_back(tmp_path: Path) -> None:
     assert snap["disk"]["hits"] >= 1 and snap["disk"]["promotions"] >= 1 and snap["dram"]["demotions"] >= 1
 
 
-def test_lookup_prefix_needs_every_block(tmp_path: Path) -> None:
-    stack = make_stack(tmp_path)
-    for i in (0, 1, 2, 4):
-        stack.put(key(i), block(i))
-    assert stack.lookup_prefix([key(i) for i in range(6)]) == 3
-    assert stack.lookup_prefix([key(9), key(0)]) == 0
+def test_get_many_serves_each_key_from_its_tier_in_order(tmp_path: Path) -> None:
+    stack = make_stack(tmp_path, promote_on_hit=False)
+    data = {i: block(i) for i in range(8)}
+    for i, raw in data.items():
+        stack.put(key(i), raw)
+    got = stack.get_many([key(0), key(99), key(7), key(3)])
+    assert [g if g is None else g[0] for g in got] == [data[0], None, data[7], data[3]]
+    assert got[0][1] == "disk" and got[2][1] == "dram"  # type: ignore[index]
 
 
 def test_last_tier_drops_and_reports_gone(tmp_path: Path) -> None:
@@ -156,7 +158,7 @@ def test_a_block_being_demoted_is_still_served(tmp_path: Path) -> None:
     try:
         assert writing.wait(10)  # block 0 has left DRAM and is not on disk yet
         assert not stack.tiers[0].contains(key(0)) and not disk.contains(key(0))
-        assert stack.where(key(0)) == "dram" and stack.lookup_prefix([key(0)]) == 1
+        assert stack.where(key(0)) == "dram"
         assert stack.get(key(0)) == (data[0], "dram")
         assert stack.metrics.snapshot()["dram"]["transit_hits"] == 1
     finally:

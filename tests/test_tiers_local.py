@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,11 +14,11 @@ import torch
 from tier_contract import CAPACITY, TierContract, make_key, make_record
 
 from kvtier.codecs import BlockCodec
-from kvtier.config import CodecConfig, DiskOptions, DramOptions
+from kvtier.config import CodecConfig
 from kvtier.errors import CorruptBlockError, TierError, TierFullError
 from kvtier.policies.lru import LRUPolicy
-from kvtier.tiers.disk import DiskTier
-from kvtier.tiers.dram import DramTier
+from kvtier.tiers.disk import STALE_TMP_S, DiskOptions, DiskTier
+from kvtier.tiers.dram import DramOptions, DramTier
 
 PAGE = 16 * 1024
 
@@ -108,12 +109,18 @@ def test_disk_restart_removes_stale_temp_files(tmp_path: Path) -> None:
     key = make_key("good")
     tier.put(key, make_record(key, 5000))
     fan = tier.path_of(key).parent
-    (fan / f".{key.hex()}.123-456-0.tmp").write_bytes(b"half a record")
+    stale = fan / f".{key.hex()}.123-456-0.tmp"
+    stale.write_bytes(b"half a record")
+    old = time.time() - STALE_TMP_S - 60
+    os.utime(stale, (old, old))
+    # ... while another live process writes a record right now: its temp file is fresh and must survive.
+    live = fan / f".{key.hex()}.789-1-0.tmp"
+    live.write_bytes(b"a write in flight")
     (fan / "README").write_text("not ours")
-    # 2. The restart scan removes the temp file, ignores the foreign one, and adopts only the good record.
+    # 2. The restart scan removes the stale temp file only, ignores the foreign one, adopts the good record.
     again = disk(tmp_path)
     assert again.load_existing() == 1
-    assert not list(tmp_path.rglob("*.tmp")) and (fan / "README").exists()
+    assert not stale.exists() and live.exists() and (fan / "README").exists()
     assert again.get(key) == make_record(key, 5000)
 
 

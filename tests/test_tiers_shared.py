@@ -22,7 +22,9 @@ from servers import S3_BUCKET, RedisServer, SeaweedServer
 from tier_contract import CAPACITY, TierContract, make_key, make_record
 
 from kvtier.codecs import BlockCodec
-from kvtier.config import CodecConfig, RedisOptions, S3Options
+from kvtier.config import CodecConfig
+from kvtier.tiers.redis import RedisOptions
+from kvtier.tiers.s3 import S3Options
 from kvtier.errors import CorruptBlockError, TierError, TierFullError
 from kvtier.policies.lru import LRUPolicy
 from kvtier.tiers.breaker import CircuitBreaker, CircuitOpenError

@@ -1,7 +1,7 @@
 """ScoreFeed: turns per-block-id attention scores from the capture into per-key policy updates.
 
-The worker knows which kvtier key a vLLM block id holds only from the metadata: ``saves`` (key, block id)
-and ``loads`` (keys, block ids). A block id whose offset 0 is rewritten in a forward holds new content, so its
+The worker knows which kvtier key a vLLM block id holds only from what it saves and loads: (key, block id)
+pairs, handed over as plain lists (the feed knows nothing of the connector's metadata types). A block id whose offset 0 is rewritten in a forward holds new content, so its
 key is forgotten. At the end of each step (``wait_for_save``) the feed maps the step's scores to keys and
 hands them, with the scheduler's sink marks and parent links, to the TierStack. Keys saved in this very step
 are still being stored by the transfer pool (policies ignore untracked keys), so the update is applied when
@@ -19,8 +19,9 @@ from kvtier.attention.capture import AttentionCapture
 from kvtier.config import AttentionConfig
 
 if TYPE_CHECKING:
-    from kvtier.connector.metadata import KVTierMetadata, LoadSpec
     from kvtier.tiers.stack import TierStack
+
+Pair = tuple[bytes, int]  # (kvtier key, vLLM block id)
 
 log = logging.getLogger("kvtier.attention")
 
@@ -73,26 +74,28 @@ class ScoreFeed:
                  "exact keys for up to %d live blocks", self.mode, how, count, self.capture.every_n,
                  self.capture.exact.rows if self.capture.exact is not None else 0)
 
-    def on_loads(self, loads: Sequence[LoadSpec]) -> None:
-        for spec in loads:
-            pairs = list(zip(spec.keys, spec.block_ids, strict=False))
+    def on_loads(self, loads: Sequence[Sequence[Pair]]) -> None:
+        """Blocks about to be loaded, one list of (key, block id) per request."""
+        for pairs in loads:
             self._block_keys.update((b, k) for k, b in pairs)
             if self.capture is not None:
-                self.capture.restore(pairs)
+                self.capture.restore(list(pairs))
 
-    def on_step_end(self, meta: KVTierMetadata, store: Future[None] | None) -> None:
+    def on_step_end(self, saves: Sequence[Pair], sinks: Sequence[bytes], links: Sequence[tuple[bytes, bytes]],
+                    store: Future[None] | None) -> None:
+        """The end of a step: the blocks saved in it, first blocks of sequences and prefix links (child,
+        parent) among them; scores apply once ``store`` (the save of those blocks) has landed."""
         scores: dict[bytes, float] = {}
         if self.capture is not None:
             by_block, rewritten = self.capture.end_step()
             for block_id in rewritten:
                 self._block_keys.pop(block_id, None)
-            self._block_keys.update((b, k) for k, b in meta.saves)
-            self.capture.remember(meta.saves)
+            self._block_keys.update((b, k) for k, b in saves)
+            self.capture.remember(list(saves))
             scores = {self._block_keys[b]: s for b, s in by_block.items() if b in self._block_keys}
         else:
-            self._block_keys.update((b, k) for k, b in meta.saves)
-        sinks = list(getattr(meta, "sinks", ()))
-        links = list(getattr(meta, "links", ()))
+            self._block_keys.update((b, k) for k, b in saves)
+        sinks, links = list(sinks), list(links)
         if not (scores or sinks or links):
             return
         if store is None:

@@ -20,6 +20,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from kvtier.config import KVTierConfig, default_config
 from kvtier.connector.fingerprint import fingerprint_from_vllm
 from kvtier.connector.metadata import KVTierMetadata, KVTierStats
+from kvtier.connector.placement import StartupPlacement
 from kvtier.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -96,7 +97,7 @@ class KVTierConnector(KVConnectorBase_V1):
         self._worker.start_load_kv(meta)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        return None
+        return None  # loads complete in start_load_kv (sync) or are reported through get_finished (async)
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: AttentionMetadata,
                       **kwargs: Any) -> None:
@@ -116,8 +117,20 @@ class KVTierConnector(KVConnectorBase_V1):
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._worker.take_load_errors() if self._worker is not None else set()
 
+    def get_handshake_metadata(self) -> StartupPlacement | None:
+        """What this worker's persistent tiers held at start-up, for the scheduler (vLLM's handshake channel)."""
+        return self._worker.startup_placement() if self._worker is not None else None
+
+    def set_xfer_handshake_metadata_pp_aware(self, metadata: dict[tuple[int, int], Any]) -> None:
+        if self._scheduler is not None:
+            self._scheduler.learn_startup(m for m in metadata.values() if isinstance(m, StartupPlacement))
+
     def build_connector_worker_meta(self) -> Any:
         return self._worker.build_worker_meta() if self._worker is not None else None
+
+    def snapshot(self) -> dict[str, Any] | None:
+        """The worker's cumulative counters and tier usage (None on the scheduler side)."""
+        return self._worker.snapshot() if self._worker is not None else None
 
     def get_kv_connector_stats(self) -> KVConnectorStats | None:
         data = self._worker.stats_data() if self._worker is not None else None
@@ -152,10 +165,10 @@ class KVTierConnector(KVConnectorBase_V1):
 
         if num_external_tokens == 0 or self._scheduler is None:
             return {}
-        kinds = {"dram": CacheHitSource.HOST, "disk": CacheHitSource.DISK}
+        kinds = {"host": CacheHitSource.HOST, "disk": CacheHitSource.DISK}
         out: dict[Any, int] = {}
         for tier, tokens in self._scheduler.hit_sources(request).items():
-            source = kinds.get(self._scheduler.tier_kinds.get(tier, ""), CacheHitSource.EXTERNAL_UNSPECIFIED)
+            source = kinds.get(self._scheduler.tier_sources.get(tier, ""), CacheHitSource.EXTERNAL_UNSPECIFIED)
             out[source] = out.get(source, 0) + tokens
         if sum(out.values()) != num_external_tokens:
             return {CacheHitSource.EXTERNAL_UNSPECIFIED: num_external_tokens}

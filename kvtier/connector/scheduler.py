@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kvtier.config import DiskOptions, KVTierConfig
+from kvtier.config import KVTierConfig
 from kvtier.connector.metadata import KVTierMetadata, KVTierWorkerMeta, LoadSpec
-from kvtier.keys import KEY_SIZE, KeyChain, ModelFingerprint
+from kvtier.connector.placement import PlacementIndex, StartupPlacement
+from kvtier.keys import KeyChain, ModelFingerprint
+from kvtier.plugins import TIERS
 
 if TYPE_CHECKING:
     from vllm.v1.core.sched.output import SchedulerOutput
@@ -35,47 +37,21 @@ class SchedulerSide:
         self.cfg = cfg
         self.fingerprint = fingerprint
         self.block_size = block_size
-        self.tier_kinds = {t.name: t.kind for t in cfg.tiers}
-        self.index: dict[bytes, str] = {}  # key -> tier that holds it (as last reported)
+        # What vLLM's hit-source metrics call each tier ("host", "disk", "external"), declared by its class.
+        self.tier_sources = {t.name: TIERS.resolve(t.kind, f"tiers[{i}].kind").hit_source
+                             for i, t in enumerate(cfg.tiers)}
+        self.index = PlacementIndex()  # key -> tier that holds it (as last reported)
         self.pending_saves: set[bytes] = set()
         self._reqs: dict[str, _ReqState] = {}
         self._loads: list[LoadSpec] = []
         self._clear_next = False
-        self._scan_persistent_tiers()
 
-    def _scan_persistent_tiers(self) -> None:
-        """Learn what disk tiers already hold (from a previous run) before the first request arrives."""
-        for tier in reversed(self.cfg.tiers):
-            if isinstance(tier.options, DiskOptions):
-                for path in Path(tier.options.path).glob("*/*.kvb"):
-                    try:
-                        key = bytes.fromhex(path.stem)
-                    except ValueError:
-                        continue
-                    if len(key) == KEY_SIZE:
-                        self.index[key] = tier.name
-        for i, tier in enumerate(self.cfg.tiers):
-            if tier.kind in ("s3", "redis"):
-                self._scan_shared_tier(i)
-        if self.index:
+    def learn_startup(self, reports: Iterable[StartupPlacement]) -> None:
+        """What the workers' persistent tiers held at start-up (vLLM's handshake channel)."""
+        for report in reports:
+            self.index.learn(report.events())
+        if len(self.index):
             log.info("kvtier: %d stored blocks found on persistent tiers", len(self.index))
-
-    def _scan_shared_tier(self, i: int) -> None:
-        """List a shared tier once at start-up: blocks other instances (or a previous run) stored there."""
-        from kvtier.errors import KVTierError
-        from kvtier.tiers.factory import make_tier
-
-        cfg = self.cfg.tiers[i]
-        try:
-            tier = make_tier(cfg, self.cfg.checksum, f"tiers[{i}]")
-            try:
-                for key, _ in tier._scan():
-                    self.index.setdefault(key, cfg.name)
-            finally:
-                tier.close()
-        except KVTierError as exc:
-            log.warning("kvtier: cannot list tier %s at start-up (%s); its blocks are learnt as the worker "
-                        "reports them", cfg.name, exc)
 
     def _state(self, request: Request) -> _ReqState:
         state = self._reqs.get(request.request_id)
@@ -117,7 +93,7 @@ class SchedulerSide:
         keys = state.chain.keys[first:end]
         state.hit_tiers = {}
         for key in keys:
-            tier = self.index.get(key, "?")
+            tier = self.index.tier_of(key) or "?"
             state.hit_tiers[tier] = state.hit_tiers.get(tier, 0) + self.block_size
         self._loads.append(LoadSpec(request.request_id, list(keys), block_ids[first:end],
                                     self.cfg.connector.async_load))
@@ -177,12 +153,9 @@ class SchedulerSide:
     def update_connector_output(self, worker_meta: object) -> None:
         if not isinstance(worker_meta, KVTierWorkerMeta):
             return
-        for key, tier in worker_meta.events:
+        for key, _ in worker_meta.events:
             self.pending_saves.discard(key)
-            if tier is None:
-                self.index.pop(key, None)
-            else:
-                self.index[key] = tier
+        self.index.apply(worker_meta.events)
 
     def request_finished(self, request: Request) -> None:
         state = self._reqs.pop(request.request_id, None)

@@ -9,11 +9,10 @@ the failed block ids go to ``get_block_ids_with_load_errors`` so vLLM recomputes
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -22,8 +21,10 @@ import torch
 
 from kvtier.config import KVTierConfig
 from kvtier.connector.metadata import KVTierMetadata, KVTierWorkerMeta, LoadSpec, stats_delta
+from kvtier.connector.placement import StartupPlacement
 from kvtier.tiers.stack import TierStack
 from kvtier.transfer import KVLayout
+from kvtier.units import format_size
 
 if TYPE_CHECKING:
     from kvtier.attention.feed import ScoreFeed
@@ -37,27 +38,32 @@ class WorkerSide:
         self.num_blocks = num_blocks
         self._events: list[tuple[bytes, str | None]] = []
         self._events_lock = threading.Lock()
-        self.stack = TierStack.from_config(cfg, on_change=self._on_change)
+        self.pool = ThreadPoolExecutor(max(1, cfg.connector.transfer_threads), thread_name_prefix="kvtier-save")
+        # Promotions after a lower-tier hit run with the saves, never on the request's path.
+        self.stack = TierStack.from_config(cfg, on_change=self._on_change, background=self._background)
         self.layout: KVLayout | None = None
         self.scores: ScoreFeed | None = None  # attention-score feed, set by attach_attention
-        threads = max(1, cfg.connector.transfer_threads)
         # Separate pools: a load (on the request's critical path) never queues behind background saves.
-        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="kvtier-save")
-        self.load_pool = ThreadPoolExecutor(threads, thread_name_prefix="kvtier-load")
+        self.load_pool = ThreadPoolExecutor(max(1, cfg.connector.transfer_threads), thread_name_prefix="kvtier-load")
         self._saves: list[Future[None]] = []
         self._async_loads: dict[str, Future[set[int]]] = {}
         self._load_errors: set[int] = set()
         self._counters: dict[str, float] = {}
         self._reported: dict[str, float] = {}
+        self._last_log = time.monotonic()
         self._counters_lock = threading.Lock()
-        self._stats_file = os.environ.get("KVTIER_STATS_FILE")  # benchmarks read the counters from here
-        with self._events_lock:  # everything restored from a previous run is news to the scheduler
-            self._events.extend((key, tier.name) for tier in reversed(self.stack.tiers) for key in tier.keys())
         self.exporter = None
         if cfg.metrics.prometheus_port is not None:  # standalone /metrics on 127.0.0.1 (kvtier/prom.py)
             from kvtier.prom import start_exporter
 
             self.exporter = start_exporter(cfg.metrics.prometheus_port, self.stack, lambda: dict(self._counters))
+
+    def _background(self, job: Callable[[], None]) -> None:
+        self._saves.append(self.pool.submit(job))
+
+    def startup_placement(self) -> StartupPlacement:
+        """What the persistent tiers held at start-up (restored by the stack), fastest tier first."""
+        return StartupPlacement.pack((t.name, t.keys()) for t in self.stack.tiers if t.persistent)
 
     def _on_change(self, key: bytes, tier: str | None) -> None:
         with self._events_lock:
@@ -70,6 +76,7 @@ class WorkerSide:
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         self.layout = KVLayout(kv_caches, self.num_blocks)
+        self.stack.raw_size = self.layout.block_bytes  # a record of any other raw size is corrupt
         log.info("kvtier: registered KV caches: %s", self.layout.describe())
 
     def attach_attention(self, layers: dict[str, Any] | None, block_size: int) -> None:
@@ -90,7 +97,7 @@ class WorkerSide:
             self.drain()
             self.stack.clear()
         if self.scores is not None:
-            self.scores.on_loads(meta.loads)
+            self.scores.on_loads([list(zip(spec.keys, spec.block_ids, strict=False)) for spec in meta.loads])
         for spec in meta.loads:
             if spec.is_async:
                 self._async_loads[spec.req_id] = self.load_pool.submit(self._load, spec)
@@ -101,9 +108,9 @@ class WorkerSide:
         """Load one request's blocks; returns the block ids that failed (from the first failure on)."""
         assert self.layout is not None, "register_kv_caches was not called"
         start = time.perf_counter()
-        fetched = list(self.load_pool.map(self._fetch, spec.keys)) if parallel else [self._fetch(k) for k in spec.keys]
+        fetched = self.stack.get_many(spec.keys, self.load_pool.map if parallel else map)
         good = 0
-        while good < len(fetched) and fetched[good] is not None:
+        while good < len(fetched) and fetched[good] is not None and len(fetched[good][0]) == self.layout.block_bytes:
             good += 1
         if good:
             host = self.layout.host_buffer(good)
@@ -120,21 +127,11 @@ class WorkerSide:
                      spec.req_id, len(spec.keys) - good, len(spec.keys))
         return set(spec.block_ids[good:])
 
-    def _fetch(self, key: bytes) -> tuple[bytes, str] | None:
-        assert self.layout is not None
-        found = self.stack.get(key)
-        if found is None or len(found[0]) != self.layout.block_bytes:
-            return None
-        return found
-
-    def wait_for_layer_load(self, layer_name: str) -> None:
-        """Loads are complete when start_load_kv returns (sync) or reported via get_finished (async)."""
-
     # ---- saves -------------------------------------------------------------------------------------
     def wait_for_save(self, meta: KVTierMetadata) -> None:
         if not meta.saves or self.layout is None:
             if self.scores is not None:
-                self.scores.on_step_end(meta, None)
+                self.scores.on_step_end(meta.saves, meta.sinks, meta.links, None)
             return
         start = time.perf_counter()
         keys = [key for key, _ in meta.saves]
@@ -143,22 +140,20 @@ class WorkerSide:
         self._saves = [f for f in self._saves if not f.done()]
         self._saves.append(self.pool.submit(self._store, keys, host))
         if self.scores is not None:  # attention scores, sinks, links: applied once this store has landed
-            self.scores.on_step_end(meta, self._saves[-1])
+            self.scores.on_step_end(meta.saves, meta.sinks, meta.links, self._saves[-1])
 
     def _store(self, keys: list[bytes], host: torch.Tensor) -> None:
         start = time.perf_counter()
         arr = host.numpy()
-        stored = 0
-        for i, key in enumerate(keys):
-            try:
-                ok = self.stack.put(key, memoryview(arr[i]))
-            except Exception as exc:  # a save must never take the engine down
-                log.warning("kvtier: save failed: %s", exc)
-                ok = False
-            if ok:
-                stored += 1
-            else:
+        try:
+            results = self.stack.put_many([(key, memoryview(arr[i])) for i, key in enumerate(keys)])
+        except Exception as exc:  # a save must never take the engine down
+            log.warning("kvtier: save failed: %s", exc)
+            results = [False] * len(keys)
+        for key, ok in zip(keys, results):
+            if not ok:
                 self._on_change(key, None)
+        stored = sum(results)
         self._count(saved_blocks=stored, save_failed_blocks=len(keys) - stored,
                     saved_bytes=stored * host.shape[1], save_time_s=time.perf_counter() - start)
 
@@ -183,37 +178,38 @@ class WorkerSide:
             events, self._events = self._events, []
         return KVTierWorkerMeta(events)
 
-    def stats_data(self) -> dict[str, Any] | None:
+    def snapshot(self) -> dict[str, Any]:
+        """Cumulative counters: the connector's own (and attention capture's), per-tier counters, tier usage."""
         with self._counters_lock:
-            now = dict(self._counters)
+            counters = dict(self._counters)
         if self.scores is not None:
-            now.update(self.scores.counters())
-        for tier, counters in self.stack.metrics.snapshot().items():
+            counters.update(self.scores.counters())
+        return {"counters": counters, "tiers": self.stack.metrics.snapshot(), "usage": self.stack.usage()}
+
+    def stats_data(self) -> dict[str, Any] | None:
+        """What changed since the last call, flat (``<tier>.<counter>`` for tier counters), or None."""
+        snap = self.snapshot()
+        self._maybe_log(snap)
+        now = dict(snap["counters"])
+        for tier, counters in snap["tiers"].items():
             for name, value in counters.items():
                 now[f"{tier}.{name}"] = value
         delta = stats_delta(now, self._reported)
         self._reported = now
-        if delta or not os.path.exists(self._stats_file or "."):
-            self.write_stats_file()
         return delta or None
 
-    def write_stats_file(self) -> None:
-        """If $KVTIER_STATS_FILE is set, write the cumulative counters there as JSON (atomically)."""
-        if not self._stats_file:
+    def _maybe_log(self, snap: dict[str, Any]) -> None:
+        """One INFO line every ``metrics.log_interval_s`` (0 = never): what was loaded and saved, tier use."""
+        interval = self.cfg.metrics.log_interval_s
+        now = time.monotonic()
+        if interval <= 0 or now - self._last_log < interval:
             return
-        with self._counters_lock:
-            data = {"counters": dict(self._counters), "tiers": self.stack.metrics.snapshot(),
-                    "usage": self.stack.usage()}
-        if self.scores is not None:
-            data["counters"].update(self.scores.counters())
-        tmp = f"{self._stats_file}.{os.getpid()}.tmp"
-        try:
-            with open(tmp, "w") as f:
-                json.dump(data, f)
-            os.replace(tmp, self._stats_file)
-        except OSError as exc:
-            log.warning("kvtier: cannot write stats to %s: %s", self._stats_file, exc)
-            self._stats_file = None
+        self._last_log = now
+        c = snap["counters"]
+        tiers = ", ".join(f"{name} {format_size(u['used_bytes'])}/{format_size(u['capacity'])} ({u['blocks']} blocks)"
+                          for name, u in snap["usage"].items())
+        log.info("kvtier: loaded %d blocks (%d failed), saved %d (%d failed); %s", c.get("loaded_blocks", 0),
+                 c.get("load_failed_blocks", 0), c.get("saved_blocks", 0), c.get("save_failed_blocks", 0), tiers)
 
     def drain(self, timeout: float | None = None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -229,5 +225,4 @@ class WorkerSide:
         self.drain(self.cfg.connector.save_timeout_s)
         self.pool.shutdown(wait=True)
         self.load_pool.shutdown(wait=True)
-        self.write_stats_file()
         self.stack.close()

@@ -1,7 +1,9 @@
 """Tier ABC: a byte-capacity store of encoded block records, with eviction by its policy.
 
-Subclasses implement the raw storage primitives (``_write``, ``_read``, ``_discard``, ``_scan``); this base
-class owns capacity accounting, the policy and the lock, so every tier evicts the same way.
+Subclasses implement the raw storage primitives (``_write``, ``_read``, ``_discard``) and, for storage that
+outlives the process, the listing (``entries``, ``read_heads``, ``remove``); this base class owns capacity
+accounting, the policy and the lock, so every tier evicts the same way. A tier kind is a subclass registered in
+kvtier.plugins.TIERS (or named ``package.module:Class`` in a config) that declares its options dataclass.
 """
 
 from __future__ import annotations
@@ -9,7 +11,9 @@ from __future__ import annotations
 import logging
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeVar
 
 from kvtier.codecs import BlockCodec
 from kvtier.errors import TierError, TierFullError
@@ -19,6 +23,35 @@ from kvtier.policies.base import EvictionPolicy
 log = logging.getLogger(__name__)
 
 Victim = tuple[BlockKey, bytes | None]  # key and its record (None when the record could not be read back)
+R = TypeVar("R")
+
+
+@dataclass
+class BatchPutResult:
+    """What ``put_many`` did: the victims evicted to make room, and the keys that were not stored."""
+
+    victims: list[Victim] = field(default_factory=list)
+    failed: dict[BlockKey, TierError] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """Options of a tier kind that has none beyond the common keys."""
+
+
+@dataclass(frozen=True)
+class StoredBlock:
+    """One record as its tier's storage lists it (``Tier.entries``)."""
+
+    key: BlockKey
+    name: str             # file path, object key or Redis key
+    namespace: str        # disk directory, S3 prefix, Redis key prefix
+    size: int             # stored bytes
+    age_s: float | None   # since written (disk, S3) or last used (Redis); None when unknown
 
 
 class Tier(ABC):
@@ -35,9 +68,14 @@ class Tier(ABC):
     - Thread-safe.
     """
 
-    kind: str = "base"
+    kind: ClassVar[str] = "base"
+    Options: ClassVar[type] = NoOptions  # the kind-specific config keys (a frozen dataclass); see kvtier.config
+    default_codec: ClassVar[str] = "none"
+    hit_source: ClassVar[str] = "external"  # what vLLM's hit-source metrics call it: "host", "disk", "external"
+    persistent: ClassVar[bool] = False  # holds blocks across restarts (the scheduler lists them at start-up)
+    shared: ClassVar[bool] = False  # other instances may store into it: a miss in the local index still asks
     # True when ``_read`` is safe without the lock (e.g. files replaced atomically): parallel reads overlap.
-    concurrent_reads: bool = False
+    concurrent_reads: ClassVar[bool] = False
 
     def __init__(self, name: str, capacity: int, codec: BlockCodec, policy: EvictionPolicy) -> None:
         self.name = name
@@ -65,27 +103,62 @@ class Tier(ABC):
         """Capacity taken by a record of ``size`` bytes; tiers that allocate in units (pages) round it up."""
         return size
 
-    def _scan(self) -> Iterator[tuple[BlockKey, int]]:
-        """Existing (key, size) pairs found at start-up; tiers that survive restarts override this."""
-        return iter(())
+    # ---- listing: what the storage holds, for start-up, inspect and gc ------------------------------
+    def entries(self, scope: str | None = None) -> Iterator[StoredBlock]:
+        """The records the storage holds. ``scope`` widens a listing beyond this tier's own namespace (an S3
+        prefix, a Redis key prefix) where the storage has such a thing. The base class lists its index."""
+        for key in self.keys():
+            yield StoredBlock(key, key.hex(), self.name, self._sizes.get(key, 0), None)
+
+    def location(self, scope: str | None = None) -> str:
+        """Where the records live, for messages (never with credentials)."""
+        return f"tier {self.name}"
+
+    def read_heads(self, blocks: Sequence[StoredBlock], size: int) -> list[bytes | None]:
+        """The first ``size`` bytes of each listed record (None when it cannot be read). Tiers override this to
+        read only those bytes; the base class reads whole records."""
+        out: list[bytes | None] = []
+        for block in blocks:
+            try:
+                record = self._read(block.key)
+            except TierError:
+                record = None
+            out.append(None if record is None else record[:size])
+        return out
+
+    def remove(self, blocks: Sequence[StoredBlock]) -> None:
+        """Delete listed records from the storage (and forget those this instance indexed)."""
+        for block in blocks:
+            self.delete(block.key)
 
     # ---- public API --------------------------------------------------------------------------------
     def load_existing(self) -> int:
-        """Adopt what the backend already holds (after a restart). Returns the number of blocks adopted."""
+        """Adopt what the storage already holds (after a restart), newest first while it fits; records beyond
+        the capacity are deleted. Returns the number of blocks adopted."""
+        newest_first = sorted(self.entries(), key=lambda b: b.age_s if b.age_s is not None else float("inf"))
         with self._lock:
-            count = 0
-            for key, stored in self._scan():
-                size = self._footprint(stored)
-                if key in self._sizes:
+            chosen: list[tuple[BlockKey, int]] = []
+            room = self.capacity - self._used if self.capacity else None
+            for block in newest_first:
+                size = self._footprint(block.size)
+                if block.key in self._sizes:
                     continue
-                if self.capacity and self._used + size > self.capacity:
-                    self._discard(key)
-                    continue
+                if room is not None:
+                    if size > room:
+                        self._discard_quietly(block.key)
+                        continue
+                    room -= size
+                chosen.append((block.key, size))
+            for key, size in reversed(chosen):  # oldest first into the policy, so recency order survives
                 self._sizes[key] = size
                 self._used += size
                 self.policy.on_insert(key, size)
-                count += 1
-            return count
+            return len(chosen)
+
+    def with_policy(self, fn: Callable[[Any], R]) -> R:
+        """Run ``fn(self.policy)`` under the tier's lock (policies are not thread-safe by themselves)."""
+        with self._lock:
+            return fn(self.policy)
 
     @property
     def used_bytes(self) -> int:
@@ -140,6 +213,20 @@ class Tier(ABC):
                 return self._read_or_forget(key)
         return self._read_or_forget(key)
 
+    def get_many(self, keys: Sequence[BlockKey]) -> list[bytes | None]:
+        """``get`` of each key, same order. Network tiers batch the round trips."""
+        return [self.get(key) for key in keys]
+
+    def put_many(self, items: Iterable[tuple[BlockKey, bytes]]) -> BatchPutResult:
+        """``put`` of each (key, record); failures are reported in the result, not raised."""
+        result = BatchPutResult()
+        for key, record in items:
+            try:
+                result.victims.extend(self.put(key, record))
+            except TierError as exc:
+                result.failed[key] = exc
+        return result
+
     def _read_or_forget(self, key: BlockKey) -> bytes | None:
         try:
             record = self._read(key)
@@ -179,6 +266,9 @@ class Tier(ABC):
         size = self._sizes.pop(key, None)
         if size is not None:
             self._used -= size
+        self._discard_quietly(key)
+
+    def _discard_quietly(self, key: BlockKey) -> None:
         try:
             self._discard(key)
         except TierError as exc:

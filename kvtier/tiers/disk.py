@@ -6,8 +6,9 @@ renamed over the final name with ``os.replace``, so a reader or a restart never 
 written with O_DIRECT from a page-aligned buffer (padded, then truncated to the record size); where the
 filesystem refuses O_DIRECT (tmpfs, some overlays) the tier warns once and writes through the page cache.
 
-``_scan`` rebuilds the index from the directory at start-up (oldest first, so LRU order survives a restart)
-and removes temp files left by a crash. Before each write the tier also checks the filesystem itself keeps a
+``entries`` lists the directory; at start-up the index is rebuilt from it (the newest records while they fit,
+fed to the policy oldest first so LRU order survives a restart) and temp files that a crash left (older than
+``STALE_TMP_S``) are removed. Before each write the tier also checks the filesystem itself keeps a
 free margin, so other users of the disk can fill it without the tier pushing it to 100%.
 """
 
@@ -20,15 +21,16 @@ import mmap
 import os
 import shutil
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from kvtier.codecs import BlockCodec
-from kvtier.config import DiskOptions
 from kvtier.errors import TierError, TierFullError
 from kvtier.keys import KEY_SIZE, BlockKey
 from kvtier.policies.base import EvictionPolicy
-from kvtier.tiers.base import Tier
+from kvtier.tiers.base import StoredBlock, Tier
 
 log = logging.getLogger(__name__)
 
@@ -36,12 +38,24 @@ SUFFIX = ".kvb"
 TMP_SUFFIX = ".tmp"
 FREE_MARGIN_BYTES = 256 * 1024 * 1024  # keep this much of the filesystem free ...
 FREE_MARGIN_FRACTION = 0.05  # ... or this fraction of it on small filesystems, whichever is smaller
+STALE_TMP_S = 600.0  # a temp file this old belongs to no write in flight (a crash left it)
 _ALIGN = 4096
 _HEX = frozenset("0123456789abcdef")
 
 
+@dataclass(frozen=True)
+class DiskOptions:
+    path: str = "/tmp/kvtier/disk"
+    o_direct: bool = False
+    fsync: bool = False
+
+
 class DiskTier(Tier):
     kind = "disk"
+    Options = DiskOptions
+    default_codec = "lz4"
+    hit_source = "disk"
+    persistent = True
     concurrent_reads = True  # files are replaced atomically (os.replace), so a read sees a whole record
 
     def __init__(self, name: str, capacity: int, codec: BlockCodec, policy: EvictionPolicy,
@@ -104,23 +118,66 @@ class DiskTier(Tier):
         except OSError as exc:
             raise TierError(f"tier {self.name}: cannot remove {path}: {exc}") from exc
 
-    def _scan(self) -> Iterator[tuple[BlockKey, int]]:
-        found: list[tuple[int, BlockKey, int]] = []
+    # ---- listing ------------------------------------------------------------------------------------
+    def location(self, scope: str | None = None) -> str:
+        return str(self.root)
+
+    def entries(self, scope: str | None = None) -> Iterator[StoredBlock]:
+        now = time.time()
+        for sub in self._subdirs():
+            try:
+                items = list(os.scandir(sub.path))
+            except OSError:
+                continue  # removed since the listing
+            for item in items:
+                key = _key_of(sub.name, item.name)
+                if key is None:
+                    continue  # temp files of writes in flight, anything else
+                try:
+                    st = item.stat()
+                except OSError:
+                    continue
+                yield StoredBlock(key, item.path, str(self.root), st.st_size, max(0.0, now - st.st_mtime))
+
+    def read_heads(self, blocks: Sequence[StoredBlock], size: int) -> list[bytes | None]:
+        out: list[bytes | None] = []
+        for block in blocks:
+            try:
+                with open(block.name, "rb", buffering=0) as f:
+                    out.append(f.read(size))
+            except OSError:
+                out.append(None)
+        return out
+
+    def remove(self, blocks: Sequence[StoredBlock]) -> None:
+        for block in blocks:
+            with self._lock:
+                if block.key in self._sizes:
+                    self._forget(block.key)
+                    continue
+            _unlink_quietly(Path(block.name))
+
+    def load_existing(self) -> int:
+        self._remove_stale_temp_files()
+        return super().load_existing()
+
+    def _subdirs(self) -> list[os.DirEntry[str]]:
         try:
-            subdirs = [d for d in os.scandir(self.root) if d.is_dir() and len(d.name) == 2 and set(d.name) <= _HEX]
-            for sub in subdirs:
-                for entry in os.scandir(sub.path):
-                    if entry.name.endswith(TMP_SUFFIX):
-                        _unlink_quietly(Path(entry.path))  # left by a crash mid-write
-                        continue
-                    key = _key_of(sub.name, entry.name)
-                    if key is not None and entry.is_file():
-                        st = entry.stat()
-                        found.append((st.st_mtime_ns, key, st.st_size))
+            return sorted((d for d in os.scandir(self.root)
+                           if len(d.name) == 2 and set(d.name) <= _HEX and d.is_dir()), key=lambda d: d.name)
         except OSError as exc:
             raise TierError(f"tier {self.name}: cannot scan {self.root}: {exc}") from exc
-        found.sort()
-        return iter([(key, size) for _, key, size in found])
+
+    def _remove_stale_temp_files(self) -> None:
+        """Temp files a crash left behind; a younger one may be another live process's write in flight."""
+        cutoff = time.time() - STALE_TMP_S
+        for sub in self._subdirs():
+            for entry in os.scandir(sub.path):
+                try:
+                    if entry.name.endswith(TMP_SUFFIX) and entry.stat().st_mtime < cutoff:
+                        _unlink_quietly(Path(entry.path))
+                except OSError:
+                    continue
 
     def close(self) -> None:
         with self._lock:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import redis
@@ -25,11 +26,12 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from kvtier.codecs import BlockCodec
-from kvtier.config import RedisOptions
 from kvtier.errors import TierError, TierFullError
 from kvtier.keys import KEY_SIZE, BlockKey
 from kvtier.policies.base import EvictionPolicy
-from kvtier.tiers.shared import BatchPutResult, SharedTier, parse_hex_key, redact_url
+from kvtier.tiers.base import StoredBlock
+from kvtier.redact import redact_url
+from kvtier.tiers.shared import BatchPutResult, SharedTier, parse_hex_key
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -37,6 +39,18 @@ T = TypeVar("T")
 PIPELINE_KEYS = 64                 # keys per pipelined round trip in get_many
 PIPELINE_BYTES = 64 * 1024 * 1024  # bytes per pipelined round trip in put_many
 _PASSWORD_HINT = "check the tier's 'password' setting or the password in 'url'"
+
+
+@dataclass(frozen=True)
+class RedisOptions:
+    url: str = field(default="redis://127.0.0.1:6379/0", metadata={"url": True})
+    password: str | None = field(default=None, repr=False, metadata={"secret": True})
+    tls: bool = False
+    tls_ca_file: str | None = None
+    key_prefix: str = "kvtier"
+    ttl_s: int = 0
+    socket_timeout_s: float = 2.0
+    shared_index: bool = False
 
 
 def make_redis_client(options: RedisOptions) -> redis.Redis:
@@ -54,6 +68,14 @@ def make_redis_client(options: RedisOptions) -> redis.Redis:
     if url.startswith("rediss://") and options.tls_ca_file:
         kwargs["ssl_ca_certs"] = options.tls_ca_file
     return redis.Redis.from_url(url, **kwargs)
+
+
+def _block_of(name: str, idle: Any, size: Any) -> StoredBlock | None:
+    namespace, _, hexkey = name.rpartition(":b:")
+    key = parse_hex_key(hexkey)
+    if key is None or hexkey != hexkey.lower() or not isinstance(size, int) or size <= 0:
+        return None  # not a block, or gone since the scan
+    return StoredBlock(key, name, namespace, size, float(idle) if isinstance(idle, int) else None)
 
 
 def _as_bytes(value: Any) -> bytes | None:
@@ -135,6 +157,8 @@ class RedisPrefixIndex:
 
 class RedisTier(SharedTier):
     kind = "redis"
+    Options = RedisOptions
+    default_codec = "lz4"
 
     def __init__(self, name: str, capacity: int, codec: BlockCodec, policy: EvictionPolicy,
                  options: RedisOptions) -> None:
@@ -227,24 +251,29 @@ class RedisTier(SharedTier):
             except TierError as exc:
                 self._note_failure("index update", exc)
 
-    def _list(self) -> Iterator[tuple[BlockKey, int]]:
-        if self.index is not None:
-            yield from self._list_indexed(self.index)
+    # ---- listing: blocks are {key_prefix}:b:{hash}; a wider scope lists {scope}*:b:{hash} -----------------
+    def location(self, scope: str | None = None) -> str:
+        return f"{self.url} " + (f"{self.key_prefix}:b:*" if scope is None else f"{scope}*:b:*")
+
+    def entries(self, scope: str | None = None) -> Iterator[StoredBlock]:
+        if scope is None and self.index is not None:
+            yield from self._entries_indexed(self.index)
             return
-        names = self._call("list", lambda: list(self._client.scan_iter(match=f"{self.key_prefix}:b:*",
-                                                                            count=1000)))
-        for start in range(0, len(names), 1000):
-            chunk = names[start:start + 1000]
+        pattern = f"{self.key_prefix}:b:*" if scope is None else f"{scope}*:b:*"
+        names = self._call("list", lambda: list(self._client.scan_iter(match=pattern, count=1000)))
+        for start in range(0, len(names), 500):
+            chunk = names[start:start + 500]
             pipe = self._client.pipeline(transaction=False)
             for name in chunk:
+                pipe.object("idletime", name)  # before anything that reads the value (it resets idle time)
                 pipe.strlen(name)
-            sizes = self._call("list", pipe.execute)
-            for name, size in zip(chunk, sizes):
-                key = parse_hex_key(bytes(name).decode(errors="replace").rpartition(":")[2])
-                if key is not None and size:
-                    yield key, int(size)
+            replies = self._call("list", lambda: pipe.execute(raise_on_error=False))  # noqa: B023
+            for i, raw_name in enumerate(chunk):
+                block = _block_of(bytes(raw_name).decode(errors="replace"), replies[2 * i], replies[2 * i + 1])
+                if block is not None:
+                    yield block
 
-    def _list_indexed(self, index: RedisPrefixIndex) -> Iterator[tuple[BlockKey, int]]:
+    def _entries_indexed(self, index: RedisPrefixIndex) -> Iterator[StoredBlock]:
         """The index's entries for this tier that still exist; stale ones (expired blocks) are pruned."""
         entries = self._call("list", lambda: list(index.members(self.name)))
         for start in range(0, len(entries), 1000):
@@ -256,7 +285,38 @@ class RedisTier(SharedTier):
             stale = [key for (key, _), alive in zip(chunk, exists) if not alive]
             if stale:
                 self._index_removed(stale)
-            yield from (entry for entry, alive in zip(chunk, exists) if alive)
+            for (key, size), alive in zip(chunk, exists):
+                if alive:
+                    yield StoredBlock(key, self.redis_key(key), self.key_prefix, size, None)
+
+    def read_heads(self, blocks: Sequence[StoredBlock], size: int) -> list[bytes | None]:
+        out: list[bytes | None] = []
+        for start in range(0, len(blocks), 500):
+            chunk = blocks[start:start + 500]
+            pipe = self._client.pipeline(transaction=False)
+            for block in chunk:
+                pipe.getrange(block.name, 0, size - 1)
+            try:
+                replies = self._call("read", lambda: pipe.execute(raise_on_error=False))  # noqa: B023
+            except TierError:
+                replies = [None] * len(chunk)
+            out.extend(bytes(r) if isinstance(r, bytes) and r else None for r in replies)
+        return out
+
+    def remove(self, blocks: Sequence[StoredBlock]) -> None:
+        by_namespace: dict[str, list[StoredBlock]] = {}
+        with self._lock:
+            for block in blocks:
+                self._unaccount(block.key)
+                by_namespace.setdefault(block.namespace, []).append(block)
+        for namespace, group in by_namespace.items():
+            for start in range(0, len(group), 500):
+                chunk = group[start:start + 500]
+                pipe = self._client.pipeline(transaction=False)
+                pipe.delete(*[b.name for b in chunk])
+                # Drop them from that namespace's shared index too, if it keeps one (a no-op otherwise).
+                RedisPrefixIndex(self._client, namespace).remove([b.key for b in chunk], pipe=pipe)
+                self._call("delete", pipe.execute)
 
     # ---- batches: one round trip per chunk ------------------------------------------------------------
     def get_many(self, keys: Sequence[BlockKey]) -> list[bytes | None]:

@@ -10,8 +10,10 @@ endpoint, bucket and prefix.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
 
 import boto3
 from botocore.config import Config
@@ -25,11 +27,12 @@ from botocore.exceptions import (
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from kvtier.codecs import BlockCodec
-from kvtier.config import S3Options
 from kvtier.errors import TierError
 from kvtier.keys import BlockKey
 from kvtier.policies.base import EvictionPolicy
-from kvtier.tiers.shared import SharedTier, parse_hex_key, redact_url
+from kvtier.tiers.base import StoredBlock
+from kvtier.redact import redact_url
+from kvtier.tiers.shared import SharedTier, parse_hex_key
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -40,6 +43,22 @@ _DENIED = {"403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch",
            "InvalidToken", "ExpiredToken"}
 _CREDENTIAL_HINT = ("check the tier's 'access_key_id'/'secret_access_key' settings, or the AWS credential chain "
                     "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, ~/.aws/credentials)")
+
+
+@dataclass(frozen=True)
+class S3Options:
+    bucket: str = ""
+    prefix: str = "kvtier"
+    endpoint_url: str | None = field(default=None, metadata={"url": True})
+    region: str | None = None
+    addressing_style: Literal["auto", "path", "virtual"] = "auto"
+    access_key_id: str | None = None
+    secret_access_key: str | None = field(default=None, repr=False, metadata={"secret": True})
+    max_concurrency: int = 16
+    connect_timeout_s: float = 2.0
+    read_timeout_s: float = 10.0
+    retries: int = 2
+    create_bucket: bool = False
 
 
 def _error_code(exc: ClientError) -> str:
@@ -68,6 +87,8 @@ def make_s3_client(options: S3Options) -> Any:
 
 class S3Tier(SharedTier):
     kind = "s3"
+    Options = S3Options
+    default_codec = "zstd"
 
     def __init__(self, name: str, capacity: int, codec: BlockCodec, policy: EvictionPolicy,
                  options: S3Options) -> None:
@@ -185,20 +206,58 @@ class S3Tier(SharedTier):
         name = self.object_name(key)
         self._call("delete", lambda: self._client.delete_object(Bucket=self.bucket, Key=name))
 
-    def _list(self) -> Iterator[tuple[BlockKey, int]]:
-        prefix = f"{self.prefix}/" if self.prefix else ""
+    # ---- listing: objects are {prefix}/{hh}/{hash}; a wider scope lists {scope}.../{hh}/{hash} ----------
+    def location(self, scope: str | None = None) -> str:
+        return f"{self.endpoint}/{self.bucket}/" + (f"{self.prefix}/" if scope is None and self.prefix else scope or "")
+
+    def entries(self, scope: str | None = None) -> Iterator[StoredBlock]:
+        prefix = (f"{self.prefix}/" if self.prefix else "") if scope is None else scope
         request: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix, "MaxKeys": 1000}
+        now = time.time()
         while True:
             page = self._call("list", lambda: self._client.list_objects_v2(**request))
             for item in page.get("Contents", ()):
-                rest = str(item["Key"])[len(prefix):]
-                key = parse_hex_key(rest.rpartition("/")[2])
-                if key is not None and rest == f"{key.hex()[:2]}/{key.hex()}":
-                    yield key, int(item["Size"])
+                block = self._block_of(item, now)
+                if block is not None and (scope is not None or block.namespace == self.prefix):
+                    yield block
             token = page.get("NextContinuationToken")
             if not page.get("IsTruncated") or not token:
                 return
             request["ContinuationToken"] = token
+
+    @staticmethod
+    def _block_of(item: dict[str, Any], now: float) -> StoredBlock | None:
+        name = str(item["Key"])
+        rest, _, hexkey = name.rpartition("/")
+        namespace, _, fan = rest.rpartition("/") if "/" in rest else ("", "", rest)
+        key = parse_hex_key(hexkey)
+        if key is None or fan != hexkey[:2]:
+            return None
+        modified = item.get("LastModified")
+        age = max(0.0, now - modified.timestamp()) if modified is not None else None
+        return StoredBlock(key, name, namespace, int(item["Size"]), age)
+
+    def read_heads(self, blocks: Sequence[StoredBlock], size: int) -> list[bytes | None]:
+        def head(block: StoredBlock) -> bytes | None:
+            try:
+                response = self._call("get", lambda: self._client.get_object(
+                    Bucket=self.bucket, Key=block.name, Range=f"bytes=0-{size - 1}"))
+                return bytes(response["Body"].read(size))
+            except TierError:
+                return None
+        return list(self._executor().map(head, blocks))
+
+    def remove(self, blocks: Sequence[StoredBlock]) -> None:
+        with self._lock:
+            for block in blocks:
+                self._unaccount(block.key)
+        for start in range(0, len(blocks), 1000):
+            batch = {"Objects": [{"Key": b.name} for b in blocks[start:start + 1000]], "Quiet": True}
+            result = self._call("delete", lambda: self._client.delete_objects(Bucket=self.bucket, Delete=batch))
+            if result.get("Errors"):
+                first = result["Errors"][0]
+                raise TierError(f"{self.label}: {len(result['Errors'])} deletes failed, first: "
+                                f"{first.get('Key')}: {first.get('Code')}")
 
     def close(self) -> None:
         super().close()

@@ -7,12 +7,12 @@ It keeps the Tier contract (kvtier/tiers/base.py) and differs from the base clas
 - ``get`` of a key missing from the local index still asks the backend, because another instance may have
   stored it; a hit is adopted into the index. A key gone from the backend (expired, deleted elsewhere) is a
   miss and is forgotten locally without a delete round trip.
-- ``contains`` stays local (no I/O on the lookup path); ``refresh_index()`` lists the backend and adopts keys
-  other instances stored, and forgets keys that vanished. ``load_existing`` never deletes backend objects:
+- ``contains`` stays local (no I/O on the lookup path); ``refresh_index()`` lists the backend (``entries``) and
+  adopts keys other instances stored, and forgets keys that vanished. ``load_existing`` never deletes backend objects:
   they may belong to another instance.
 - Backend failures are misses: ``get`` returns None, ``put`` raises TierError, and a CircuitBreaker makes
   calls fail fast while the server is unreachable.
-- ``get_many``/``put_many`` run a batch with bounded concurrency.
+- ``get_many``/``put_many`` run a batch with bounded concurrency (Redis pipelines it instead).
 """
 
 from __future__ import annotations
@@ -21,45 +21,16 @@ import logging
 from abc import abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from urllib.parse import urlsplit, urlunsplit
 
 from kvtier.codecs import BlockCodec
 from kvtier.errors import TierError, TierFullError
 from kvtier.keys import KEY_SIZE, BlockKey
 from kvtier.policies.base import EvictionPolicy
-from kvtier.tiers.base import Tier, Victim
+from kvtier.redact import redact_url
+from kvtier.tiers.base import BatchPutResult, StoredBlock, Tier, Victim
 from kvtier.tiers.breaker import CircuitBreaker, CircuitOpenError
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class BatchPutResult:
-    """What ``put_many`` did: the victims evicted to make room, and the keys that were not stored."""
-
-    victims: list[Victim] = field(default_factory=list)
-    failed: dict[BlockKey, TierError] = field(default_factory=dict)
-
-    @property
-    def ok(self) -> bool:
-        return not self.failed
-
-
-def redact_url(url: str | None) -> str:
-    """The URL without user name or password, for messages and reprs."""
-    if not url:
-        return "<default endpoint>"
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparseable url>"
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    if parts.username or parts.password:
-        host = f"***@{host}"
-    return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
 def parse_hex_key(text: str) -> BlockKey | None:
@@ -73,10 +44,11 @@ def parse_hex_key(text: str) -> BlockKey | None:
 
 
 class SharedTier(Tier):
-    """Base of shared network tiers; subclasses implement _write/_read/_discard and ``_list``."""
+    """Base of shared network tiers; subclasses implement _write/_read/_discard and ``entries``."""
 
     kind = "shared"
     shared = True  # TierStack.get asks the backend even for keys this instance has not seen
+    persistent = True
 
     def __init__(self, name: str, capacity: int, codec: BlockCodec, policy: EvictionPolicy,
                  label: str, max_concurrency: int) -> None:
@@ -89,11 +61,8 @@ class SharedTier(Tier):
         self._listing_is_complete = True  # False when ``_list`` reads a hint (a shared index), not the store
 
     @abstractmethod
-    def _list(self) -> Iterator[tuple[BlockKey, int]]:
-        """Every (key, size) the backend holds under this tier's prefix; raise TierError on failure."""
-
-    def _scan(self) -> Iterator[tuple[BlockKey, int]]:
-        return self._list()
+    def entries(self, scope: str | None = None) -> Iterator[StoredBlock]:
+        """Every record the backend holds under this tier's prefix (or ``scope``); TierError on failure."""
 
     def _index_removed(self, keys: Sequence[BlockKey]) -> None:
         """Hook: a read found these keys gone from the backend (a tier keeping a shared index drops them)."""
@@ -142,7 +111,7 @@ class SharedTier(Tier):
         """
         with self._lock:
             before = set(self._sizes)
-        listed = dict(self._list())
+        listed = {block.key: block.size for block in self.entries()}
         adopted = 0
         with self._lock:
             for key, size in listed.items():

@@ -3,15 +3,16 @@
 - put: encode with the top tier's codec and store there; victims are demoted one tier down (re-encoded with
   that tier's codec when the formats differ) and dropped from the last tier. Write-through tiers also get
   every put.
-- get: the first tier that holds the key answers; the record is verified (checksum, key, sizes). A record
-  that fails verification is deleted and reported as a miss, never returned. On a hit below the top tier the
-  block is promoted (copied up) when ``promote_on_hit`` is set.
-- lookup_prefix: the longest run of leading keys present in any tier.
-- A victim on its way down (evicted from one tier, not yet written to the next) stays readable: get, where
-  and lookup_prefix also look at the records in transit, so a concurrent load never misses a block that is
-  only being demoted.
+- get / get_many: the first tier that holds the key answers; the record is verified (checksum, key, sizes,
+  and the raw size a block has here, before anything is allocated). A record that fails verification is
+  deleted and reported as a miss, never returned. Shared tiers serve a request's keys in one batch. On a hit
+  below the top tier the block is promoted (copied up) when ``promote_on_hit`` is set, on the ``background``
+  runner when one is given (never on the request's path then).
+- A victim on its way down (evicted from one tier, not yet written to the next) stays readable: get and where
+  also look at the records in transit, so a concurrent load never misses a block that is only being demoted.
 
-A tier error is a miss: it is counted, logged once per tier and error kind, and never raised to the caller.
+A tier error, or any exception out of a tier or codec on the read path, is a miss: it is counted, logged once
+per tier and error kind, and never raised to the caller.
 """
 
 from __future__ import annotations
@@ -19,21 +20,27 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
-from kvtier.config import KVTierConfig
 from kvtier.errors import CorruptBlockError, TierError, TierFullError
 from kvtier.keys import BlockKey
 from kvtier.metrics import StoreMetrics
 from kvtier.tiers.base import Tier, Victim
 
+if TYPE_CHECKING:
+    from kvtier.config import KVTierConfig
+
 log = logging.getLogger(__name__)
+Found = tuple[bytes, str]  # verified raw bytes and the name of the tier that served them
+MapFn = Callable[[Callable[[Any], Any], Iterable[Any]], Iterable[Any]]
 
 
 class TierStack:
     def __init__(self, tiers: Sequence[Tier], promote_on_hit: bool = True,
                  write_through: Sequence[str] = (), metrics: StoreMetrics | None = None,
-                 on_change: Callable[[BlockKey, str | None], None] | None = None) -> None:
+                 on_change: Callable[[BlockKey, str | None], None] | None = None,
+                 background: Callable[[Callable[[], None]], None] | None = None) -> None:
         if not tiers:
             raise ValueError("a TierStack needs at least one tier")
         self.tiers = list(tiers)
@@ -43,6 +50,9 @@ class TierStack:
         self._logged: set[tuple[str, str]] = set()
         # Told where a key now lives (tier name) or that no tier holds it any more (None).
         self.on_change = on_change or (lambda key, tier: None)
+        # Runs promotions off the caller's path when set (e.g. a thread pool's submit); inline otherwise.
+        self.background = background
+        self.raw_size: int | None = None  # bytes of one block here, once known: any other size is corrupt
         # Victims between eviction and their landing one tier down: key -> (source tier index, record).
         self._transit: dict[BlockKey, tuple[int, bytes]] = {}
         self._transit_lock = threading.Lock()
@@ -50,23 +60,49 @@ class TierStack:
 
     @classmethod
     def from_config(cls, cfg: KVTierConfig, metrics: StoreMetrics | None = None,
-                    on_change: Callable[[BlockKey, str | None], None] | None = None) -> TierStack:
+                    on_change: Callable[[BlockKey, str | None], None] | None = None,
+                    background: Callable[[Callable[[], None]], None] | None = None) -> TierStack:
         from kvtier.tiers.factory import make_tier
 
         tiers = [make_tier(t, cfg.checksum, f"tiers[{i}]") for i, t in enumerate(cfg.tiers)]
         for tier in tiers:
             tier.load_existing()
-        return cls(tiers, cfg.promote_on_hit, [t.name for t in cfg.tiers if t.write_through], metrics, on_change)
+        return cls(tiers, cfg.promote_on_hit, [t.name for t in cfg.tiers if t.write_through], metrics, on_change,
+                   background)
 
     # ---- writes --------------------------------------------------------------------------------
     def put(self, key: BlockKey, raw: bytes | memoryview) -> bool:
         """Store a block's raw bytes. Returns False when no tier accepted it (the caller loses nothing)."""
-        stored = self._put_into(0, key, self.tiers[0].codec.encode(key, raw))
+        return self.put_many([(key, raw)])[0]
+
+    def put_many(self, items: Sequence[tuple[BlockKey, bytes | memoryview]]) -> list[bool]:
+        """``put`` of each (key, raw bytes); write-through tiers receive the items they lack as one batch."""
+        stored = [self._put_into(0, key, self.tiers[0].codec.encode(key, raw)) for key, raw in items]
         for tier in self.write_through:
-            if tier is not self.tiers[0] and not tier.contains(key):
-                index = self.tiers.index(tier)
-                self._put_into(index, key, tier.codec.encode(key, raw), cascade=False)
+            if tier is self.tiers[0]:
+                continue
+            batch = [(key, tier.codec.encode(key, raw)) for key, raw in items if not tier.contains(key)]
+            if batch:
+                self._put_batch(self.tiers.index(tier), batch)
         return stored
+
+    def _put_batch(self, index: int, batch: list[tuple[BlockKey, bytes]]) -> None:
+        tier = self.tiers[index]
+        start = time.perf_counter()
+        try:
+            result = tier.put_many(batch)
+        except Exception as exc:  # a failing write-through tier costs only its copies
+            self._fail(tier, "error", exc)
+            return
+        self.metrics.observe(tier.name, "put", (time.perf_counter() - start) / len(batch))
+        for key, exc in result.failed.items():
+            self._fail(tier, "full" if isinstance(exc, TierFullError) else "error", exc)
+        for key, record in batch:
+            if key not in result.failed:
+                self.metrics.add(tier.name, "puts")
+                self.metrics.add(tier.name, "bytes_written", len(record))
+                self.on_change(key, tier.name)
+        self._demote_all(index, result.victims)
 
     def _put_into(self, index: int, key: BlockKey, record: bytes, cascade: bool = True) -> bool:
         tier = self.tiers[index]
@@ -83,17 +119,20 @@ class TierStack:
         self.metrics.add(tier.name, "puts")
         self.metrics.add(tier.name, "bytes_written", len(record))
         self.on_change(key, tier.name)
+        self._demote_all(index, victims)
+        return True
+
+    def _demote_all(self, index: int, victims: list[Victim]) -> None:
         with self._transit_lock:
             for victim_key, victim_record in victims:
                 if victim_record is not None:
                     self._transit[victim_key] = (index, victim_record)
         for victim in victims:
-            self.metrics.add(tier.name, "evictions")
+            self.metrics.add(self.tiers[index].name, "evictions")
             try:
                 self._demote(index, victim)
             finally:
                 self._end_transit(victim[0], index)
-        return True
 
     def _end_transit(self, key: BlockKey, index: int) -> None:
         with self._transit_lock:
@@ -134,49 +173,95 @@ class TierStack:
         """The verified raw bytes of ``tier``'s record, or None for a record that fails verification (counted
         and logged)."""
         try:
-            return tier.codec.decode(key, record)
+            return tier.codec.decode(key, record, self.raw_size)
         except CorruptBlockError as exc:
             self.metrics.add(tier.name, "checksum_failures")
             self._fail(tier, "corrupt", exc)
             return None
 
     # ---- reads ---------------------------------------------------------------------------------
-    def get(self, key: BlockKey) -> tuple[bytes, str] | None:
+    def get(self, key: BlockKey) -> Found | None:
         """Verified raw bytes and the name of the tier that served them, or None (a miss)."""
-        for _ in range(2):
-            landed = self._landed
-            found = self._scan(key)
-            if found is None:
-                found = self._get_in_transit(key)
-            if found is not None or self._landed == landed:
-                break
-        if found is None:
-            self.metrics.add("all", "misses")
-            self.on_change(key, self.where(key))
+        return self.get_many([key])[0]
+
+    def get_many(self, keys: Sequence[BlockKey], map_fn: MapFn = map) -> list[Found | None]:
+        """``get`` of each key (same order). Local tiers read and verify through ``map_fn`` (e.g. a thread
+        pool's map, for parallel reads); shared tiers fetch the keys they may hold in one batch."""
+        found: list[Found | None] = [None] * len(keys)
+        landed = self._landed
+        missing = list(range(len(keys)))
+        for index, tier in enumerate(self.tiers):
+            wanted = [i for i in missing if tier.shared or tier.contains(keys[i])]
+            if not wanted:
+                continue
+            records = self._read(tier, [keys[i] for i in wanted], map_fn)
+            jobs = [(i, rec) for i, rec in zip(wanted, records) if rec is not None]
+            for i, raw in zip([i for i, _ in jobs], map_fn(lambda job: self._verified(tier, keys[job[0]], job[1]),
+                                                            jobs)):
+                if raw is not None:
+                    found[i] = (raw, tier.name)
+                    if index > 0 and self.promote_on_hit:
+                        self._promote(tier, keys[i], raw)
+            missing = [i for i in missing if found[i] is None]
+        for i in missing:  # a demotion in flight, or one that landed below a tier we had already passed
+            found[i] = self._get_in_transit(keys[i])
+            if found[i] is None and self._landed != landed:
+                found[i] = self._rescan(keys[i])
+            if found[i] is None:
+                self.metrics.add("all", "misses")
+                self.on_change(keys[i], self.where(keys[i]))
         return found
 
-    def _scan(self, key: BlockKey) -> tuple[bytes, str] | None:
-        for index, tier in enumerate(self.tiers):
-            if not tier.contains(key) and not getattr(tier, "shared", False):
-                continue
-            start = time.perf_counter()
-            record = tier.get(key)
-            if record is None:
-                continue
-            raw = self._decode(tier, key, record)
-            if raw is None:
-                tier.delete(key)
-                self.on_change(key, self.where(key))
-                continue
-            self.metrics.observe(tier.name, "get", time.perf_counter() - start)
-            self._count_hit(tier.name, len(record))
-            if index > 0 and self.promote_on_hit:
-                if self._put_into(0, key, self.tiers[0].codec.encode(key, raw)):
-                    self.metrics.add(tier.name, "promotions")
-            return raw, tier.name
+    def _read(self, tier: Tier, keys: list[BlockKey], map_fn: MapFn) -> list[bytes | None]:
+        start = time.perf_counter()
+        try:
+            if tier.shared and len(keys) > 1:
+                records = tier.get_many(keys)
+            else:
+                records = list(map_fn(tier.get, keys))
+        except Exception as exc:  # a tier failing in any way is a miss for these keys, never an error
+            self._fail(tier, "read", exc)
+            return [None] * len(keys)
+        each = (time.perf_counter() - start) / max(1, len(keys))  # a batch's time, shared by the records it read
+        for record in records:
+            if record is not None:
+                self.metrics.observe(tier.name, "get", each)
+        return records
+
+    def _verified(self, tier: Tier, key: BlockKey, record: bytes) -> bytes | None:
+        raw = self._decode(tier, key, record)
+        if raw is None:
+            tier.delete(key)
+            self.on_change(key, self.where(key))
+            return None
+        self._count_hit(tier.name, len(record))
+        return raw
+
+    def _rescan(self, key: BlockKey) -> Found | None:
+        for tier in self.tiers:
+            if tier.contains(key):
+                record = self._read(tier, [key], map)[0]
+                raw = None if record is None else self._verified(tier, key, record)
+                if raw is not None:
+                    return raw, tier.name
         return None
 
-    def _get_in_transit(self, key: BlockKey) -> tuple[bytes, str] | None:
+    def _promote(self, tier: Tier, key: BlockKey, raw: bytes) -> None:
+        def promote() -> None:
+            if self.tiers[0].contains(key):
+                return
+            try:
+                if self._put_into(0, key, self.tiers[0].codec.encode(key, raw)):
+                    self.metrics.add(tier.name, "promotions")
+            except Exception as exc:  # a promotion is an optimisation; never fail a load over it
+                self._fail(self.tiers[0], "promote", exc)
+
+        if self.background is None:
+            promote()
+        else:
+            self.background(promote)
+
+    def _get_in_transit(self, key: BlockKey) -> Found | None:
         """A block being demoted, served from the record in hand (in its source tier's format)."""
         moving = self._moving(key)
         if moving is None:
@@ -205,45 +290,24 @@ class TierStack:
         with self._transit_lock:
             return self._transit.get(key)
 
-    def lookup_prefix(self, keys: Sequence[BlockKey]) -> int:
-        """Number of leading ``keys`` that some tier holds (a prefix needs every block)."""
-        count = 0
-        for key in keys:
-            if self.where(key) is None:
-                break
-            count += 1
-        return count
-
-    def protect(self, keys: Sequence[BlockKey]) -> None:
-        for tier in self.tiers:
-            with tier._lock:
-                tier.policy.protect(keys)
-
-    def unprotect(self, keys: Sequence[BlockKey]) -> None:
-        for tier in self.tiers:
-            with tier._lock:
-                tier.policy.unprotect(keys)
-
     # ---- attention feedback (kvtier.attention): forwarded to every tier's policy under its lock ------
     def update_scores(self, scores: Mapping[BlockKey, float]) -> None:
         for tier in self.tiers:
-            with tier._lock:
-                tier.policy.update_scores(scores)
+            tier.with_policy(lambda policy: policy.update_scores(scores))
 
     def mark_sinks(self, keys: Sequence[BlockKey]) -> None:
         """First blocks of sequences, for policies that protect attention sinks (others ignore this)."""
         for tier in self.tiers:
-            if hasattr(tier.policy, "mark_sink"):
-                with tier._lock:
-                    tier.policy.mark_sink(keys)
+            tier.with_policy(lambda policy: policy.mark_sink(keys))
 
     def set_parents(self, links: Sequence[tuple[BlockKey, BlockKey]]) -> None:
         """(child, parent) prefix links, for policies that evict tails first (others ignore this)."""
+        def link(policy: Any) -> None:
+            for child, parent in links:
+                policy.set_parent(child, parent)
+
         for tier in self.tiers:
-            if hasattr(tier.policy, "set_parent"):
-                with tier._lock:
-                    for child, parent in links:
-                        tier.policy.set_parent(child, parent)
+            tier.with_policy(link)
 
     def usage(self) -> dict[str, dict[str, int]]:
         return {t.name: {"blocks": len(t), "used_bytes": t.used_bytes, "capacity": t.capacity} for t in self.tiers}
@@ -258,11 +322,11 @@ class TierStack:
         for tier in self.tiers:
             tier.close()
 
-    def _fail(self, tier: Tier, kind: str, exc: Exception) -> None:
+    def _fail(self, tier: Tier, kind: str, exc: BaseException) -> None:
         self.metrics.add(tier.name, "errors")
         if (tier.name, kind) not in self._logged:
             self._logged.add((tier.name, kind))
-            log.warning("kvtier tier %s (%s): %s; treated as a miss (further %s errors counted, not logged)",
-                        tier.name, tier.kind, exc, kind)
+            log.warning("kvtier tier %s (%s): %s: %s; treated as a miss (further %s errors counted, not logged)",
+                        tier.name, tier.kind, type(exc).__name__, exc, kind)
         else:
             log.debug("kvtier tier %s (%s): %s", tier.name, tier.kind, exc)
