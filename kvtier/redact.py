@@ -46,3 +46,9 @@ def redacted_dict(obj: Any) -> Any:
     if isinstance(obj, list | tuple):
         return [redacted_dict(v) for v in obj]
     return obj
+
+
+def redacted_repr(self: Any) -> str:
+    """A dataclass ``__repr__`` that masks secret fields and strips credentials from URL fields."""
+    fields = ", ".join(f"{k}={v!r}" for k, v in redacted_dict(self).items())
+    return f"{type(self).__name__}({fields})"

@@ -39,12 +39,12 @@ def test_config_is_frozen() -> None:
     ({"tiers": [{"kind": "dram", "capacity": "1GiB", "colour": "red"}]}, "tiers[0].colour: unknown key"),
     ({"tiers": [{"kind": "floppy", "capacity": "1GiB"}]}, "tiers[0].kind: unknown tier kind 'floppy'"),
     ({"tiers": [{"kind": "dram"}]}, "tiers[0].capacity: missing"),
-    ({"tiers": [{"kind": "dram", "capacity": 1, "codec": {"name": "brotli"}}]}, "tiers[0].codec.name"),
-    ({"tiers": [{"kind": "dram", "capacity": 1}], "connector": {"async_load": "yes"}},
+    ({"tiers": [{"kind": "dram", "capacity": "1MiB", "codec": {"name": "brotli"}}]}, "tiers[0].codec.name"),
+    ({"tiers": [{"kind": "dram", "capacity": "1MiB"}], "connector": {"async_load": "yes"}},
      "connector.async_load: expected bool"),
-    ({"tiers": [{"kind": "dram", "capacity": 1}], "promote": True}, "promote: unknown key"),
+    ({"tiers": [{"kind": "dram", "capacity": "1MiB"}], "promote": True}, "promote: unknown key"),
     ({"tiers": []}, "tiers: expected a non-empty list"),
-    ({"tiers": [{"kind": "dram", "capacity": 1}, {"kind": "dram", "capacity": 1}]}, "duplicate tier name"),
+    ({"tiers": [{"kind": "dram", "capacity": "1MiB"}, {"kind": "dram", "capacity": "1MiB"}]}, "duplicate tier name"),
 ])
 def test_errors_name_the_key_path(data: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
@@ -58,7 +58,7 @@ def test_env_overrides_single_keys() -> None:
     assert cfg.tiers[1].capacity == 8 * 2**30
     assert cfg.connector.async_load is True
     with pytest.raises(ConfigError, match="KVTIER_TIERS__5__CAPACITY"):
-        KVTierConfig.from_dict({"tiers": [{"kind": "dram", "capacity": 1}]}, env={"KVTIER_TIERS__5__CAPACITY": "1"})
+        KVTierConfig.from_dict({"tiers": [{"kind": "dram", "capacity": "1MiB"}]}, env={"KVTIER_TIERS__5__CAPACITY": "1"})
 
 
 def test_yaml_file_errors_name_the_file(tmp_path: Path) -> None:
