@@ -20,7 +20,15 @@ class CorruptBlockError(KVTierError):
 
 
 class TierError(KVTierError):
-    """A tier could not serve a request (server down, I/O error). Treated as a miss by callers."""
+    """A tier could not serve a request (server down, I/O error). Treated as a miss by callers.
+
+    A put that evicted blocks before its own write failed carries them in ``victims`` (key, record) so the
+    caller can still demote them: a failed write never loses what it pushed out.
+    """
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args)
+        self.victims: list[tuple[bytes, bytes | None]] = []
 
 
 class TierFullError(TierError):

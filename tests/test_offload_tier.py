@@ -56,12 +56,12 @@ def s3_tiers(server: Any) -> list[dict[str, Any]]:
     return [{"kind": "s3", "capacity": "64MiB", "bucket": S3_BUCKET, "prefix": f"off-{uuid.uuid4().hex[:8]}",
              "endpoint_url": server.endpoint_url, "region": "us-east-1", "addressing_style": "path",
              "access_key_id": server.access_key, "secret_access_key": server.secret_key,
-             "connect_timeout_s": 1.0, "read_timeout_s": 3.0, "retries": 1, "codec": "zstd"}]
+             "connect_timeout_s": 1.0, "save_timeout_s": 3.0, "retries": 1, "codec": "zstd"}]
 
 
 def redis_tiers(server: Any) -> list[dict[str, Any]]:
     return [{"kind": "redis", "capacity": "64MiB", "url": server.url, "key_prefix": f"off-{uuid.uuid4().hex[:8]}",
-             "socket_timeout_s": 1.0, "codec": "lz4"}]
+             "load_timeout_s": 1.0, "codec": "lz4"}]
 
 
 def open_tier(view: memoryview, tiers: list[dict[str, Any]], **entry: Any) -> KVTierSecondaryTier:

@@ -40,12 +40,12 @@ TierFactory = Callable[..., SharedTier]
 def s3_options(server: SeaweedServer, **changes: Any) -> S3Options:
     base = S3Options(bucket=S3_BUCKET, prefix=f"t-{uuid.uuid4().hex[:8]}", endpoint_url=server.endpoint_url,
                      region="us-east-1", addressing_style="path", access_key_id=server.access_key,
-                     secret_access_key=server.secret_key, connect_timeout_s=1.0, read_timeout_s=3.0, retries=1)
+                     secret_access_key=server.secret_key, connect_timeout_s=1.0, save_timeout_s=3.0, retries=1)
     return dataclasses.replace(base, **changes)
 
 
 def redis_options(server: RedisServer, **changes: Any) -> RedisOptions:
-    base = RedisOptions(url=server.url, key_prefix=f"t-{uuid.uuid4().hex[:8]}", socket_timeout_s=1.0)
+    base = RedisOptions(url=server.url, key_prefix=f"t-{uuid.uuid4().hex[:8]}", load_timeout_s=1.0)
     return dataclasses.replace(base, **changes)
 
 

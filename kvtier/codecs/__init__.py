@@ -52,19 +52,23 @@ def codec_name(codec_id: int) -> str:
 class BlockCodec:
     """A tier's codec settings bound together: raw block bytes <-> verified records."""
 
-    def __init__(self, cfg: CodecConfig, checksum_alg: str = "xxh3") -> None:
+    def __init__(self, cfg: CodecConfig, checksum_alg: str = "xxh3", auth_key: bytes | None = None) -> None:
         self.cfg = cfg
         self.codec = make_codec(cfg)
         self.checksum_alg = checksum_alg
+        self.auth_key = auth_key  # records are signed and must verify when set (never printed)
         self._decoders = {**ALL_DECODERS, self.codec.codec_id: self.codec}
 
+    def __repr__(self) -> str:
+        return f"BlockCodec({self.cfg!r}, {self.checksum_alg!r}, authenticated={self.auth_key is not None})"
+
     def encode(self, key: bytes, raw: bytes | memoryview) -> bytes:
-        return encode_record(key, raw, self.codec, self.cfg.shuffle, self.checksum_alg)
+        return encode_record(key, raw, self.codec, self.cfg.shuffle, self.checksum_alg, self.auth_key)
 
     def decode(self, key: bytes, record: bytes | memoryview, raw_size: int | None = None) -> bytes:
         """Raises CorruptBlockError unless ``record`` is exactly what ``encode(key, raw)`` produced (and ``raw``
         has ``raw_size`` bytes, when given)."""
-        return decode_record(record, key, self._decoders, raw_size)
+        return decode_record(record, key, self._decoders, raw_size, self.auth_key)
 
     def same_format(self, other: BlockCodec) -> bool:
-        return self.cfg == other.cfg and self.checksum_alg == other.checksum_alg
+        return self.cfg == other.cfg and self.checksum_alg == other.checksum_alg and self.auth_key == other.auth_key

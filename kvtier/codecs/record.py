@@ -4,15 +4,21 @@ Header (little-endian, 56 bytes):
   magic "KVTB" | version u8 | codec_id u8 | flags u8 (bit0 = shuffle16) | checksum_alg u8
   raw_size u64 | payload_size u64 | checksum u64 (of the raw bytes) | key 16 bytes | header crc32 u32 | pad u32
 
+With flags bit1 (authenticated) a 32-byte keyed BLAKE2b MAC of header and payload follows the payload. The
+checksum catches accidents; only the MAC stops a writer without the key from planting KV: a tier with a key
+signs every record and refuses any record whose MAC is missing or wrong.
+
 ``decode_record`` checks every field, the key the caller asked for, the raw size the caller expects (before
-anything is allocated) and the checksum of the decoded bytes, so a record that was truncated, flipped,
-overwritten with another block, forged or garbage raises CorruptBlockError; it never returns wrong bytes and
-never lets a codec's own exception through. ``parse_header`` reads a header without the payload (inspect, gc,
-size checks before a read).
+anything is allocated), the MAC when it holds a key, and the checksum of the decoded bytes, so a record that
+was truncated, flipped, overwritten with another block, forged or garbage raises CorruptBlockError; it never
+returns wrong bytes and never lets a codec's own exception through. ``parse_header`` reads a header without
+the payload (inspect, gc, size checks before a read).
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import struct
 import zlib
 from collections.abc import Mapping
@@ -27,6 +33,8 @@ from kvtier.errors import CorruptBlockError
 MAGIC = b"KVTB"
 VERSION = 1
 FLAG_SHUFFLE = 1
+FLAG_MAC = 2
+MAC_SIZE = 32
 CHECKSUM_IDS = {"xxh3": 1, "crc32": 2}
 _HEAD = struct.Struct("<4sBBBBQQQ16s")
 _CRC = struct.Struct("<II")
@@ -47,6 +55,17 @@ class RecordHeader:
     def shuffled(self) -> bool:
         return bool(self.flags & FLAG_SHUFFLE)
 
+    @property
+    def signed(self) -> bool:
+        return bool(self.flags & FLAG_MAC)
+
+
+def record_mac(auth_key: bytes, head: bytes | memoryview, payload: bytes | memoryview) -> bytes:
+    mac = hashlib.blake2b(key=auth_key, digest_size=MAC_SIZE, person=b"kvtier-record")
+    mac.update(head)
+    mac.update(payload)
+    return mac.digest()
+
 
 def checksum(data: bytes | memoryview, alg_id: int) -> int:
     if alg_id == 1:
@@ -58,17 +77,20 @@ def checksum(data: bytes | memoryview, alg_id: int) -> int:
 
 def max_record_size(raw_size: int) -> int:
     """An upper bound on the size of any valid record of ``raw_size`` raw bytes (codecs may expand a little)."""
-    return HEADER_SIZE + raw_size + raw_size // 64 + 1024
+    return HEADER_SIZE + raw_size + raw_size // 64 + 1024 + MAC_SIZE
 
 
 def encode_record(key: bytes, raw: bytes | memoryview, codec: Codec, shuffle: bool = False,
-                  checksum_alg: str = "xxh3") -> bytes:
+                  checksum_alg: str = "xxh3", auth_key: bytes | None = None) -> bytes:
     alg_id = CHECKSUM_IDS[checksum_alg]
     body = shuffle16(raw) if shuffle else raw
     payload = codec.encode(body)
-    head = _HEAD.pack(MAGIC, VERSION, codec.codec_id, FLAG_SHUFFLE if shuffle else 0, alg_id,
-                      len(raw), len(payload), checksum(raw, alg_id), key)
-    return b"".join((head, _CRC.pack(zlib.crc32(head), 0), payload))
+    flags = (FLAG_SHUFFLE if shuffle else 0) | (FLAG_MAC if auth_key else 0)
+    head = _HEAD.pack(MAGIC, VERSION, codec.codec_id, flags, alg_id, len(raw), len(payload), checksum(raw, alg_id), key)
+    head += _CRC.pack(zlib.crc32(head), 0)
+    if not auth_key:
+        return b"".join((head, payload))
+    return b"".join((head, payload, record_mac(auth_key, head, payload)))
 
 
 def parse_header(head: bytes | memoryview, total_size: int) -> RecordHeader:
@@ -80,8 +102,9 @@ def parse_header(head: bytes | memoryview, total_size: int) -> RecordHeader:
     crc, _ = _CRC.unpack_from(head, _HEAD.size)
     if magic != MAGIC or version != VERSION or crc != zlib.crc32(packed):
         raise CorruptBlockError("record header is damaged (magic, version or header crc)")
-    if total_size != HEADER_SIZE + payload_size:
-        raise CorruptBlockError(f"record is {total_size} bytes, header says {HEADER_SIZE + payload_size}")
+    expected = HEADER_SIZE + payload_size + (MAC_SIZE if flags & FLAG_MAC else 0)
+    if total_size != expected:
+        raise CorruptBlockError(f"record is {total_size} bytes, header says {expected}")
     return RecordHeader(codec_id, flags, alg, raw_size, payload_size, digest, key)
 
 
@@ -90,11 +113,19 @@ def read_header(record: bytes | memoryview) -> RecordHeader:
 
 
 def decode_record(record: bytes | memoryview, key: bytes, codecs: Mapping[int, Codec],
-                  raw_size: int | None = None) -> bytes:
-    """The verified raw bytes of ``record``; ``raw_size`` (when given) is the only size accepted."""
+                  raw_size: int | None = None, auth_key: bytes | None = None) -> bytes:
+    """The verified raw bytes of ``record``; ``raw_size`` (when given) is the only size accepted. With an
+    ``auth_key`` the record must carry a valid MAC."""
     head = read_header(record)
     if head.key != key:
         raise CorruptBlockError("record belongs to a different key")
+    if auth_key is not None:
+        if not head.signed:
+            raise CorruptBlockError("record is not authenticated (this tier requires a MAC)")
+        end = HEADER_SIZE + head.payload_size
+        view = memoryview(record)
+        if not hmac.compare_digest(record_mac(auth_key, view[:HEADER_SIZE], view[HEADER_SIZE:end]), view[end:]):
+            raise CorruptBlockError("record authentication failed (MAC mismatch)")
     if raw_size is not None and head.raw_size != raw_size:
         raise CorruptBlockError(f"record claims {head.raw_size} raw bytes, a block here has {raw_size}")
     if head.payload_size > max_record_size(head.raw_size) - HEADER_SIZE:
@@ -103,7 +134,7 @@ def decode_record(record: bytes | memoryview, key: bytes, codecs: Mapping[int, C
     if codec is None:
         raise CorruptBlockError(f"record uses unknown codec id {head.codec_id}")
     try:
-        body = codec.decode(memoryview(record)[HEADER_SIZE:], head.raw_size)
+        body = codec.decode(memoryview(record)[HEADER_SIZE:HEADER_SIZE + head.payload_size], head.raw_size)
     except Exception as exc:  # any codec (built-in or plug-in) failing on hostile bytes is a corrupt record
         raise CorruptBlockError(f"payload does not decode: {type(exc).__name__}: {exc}") from exc
     if len(body) != head.raw_size:

@@ -69,6 +69,7 @@ class Tier(ABC):
     """
 
     kind: ClassVar[str] = "base"
+    max_record_bytes: int | None = None  # set by the stack once a block's size is known: larger reads are refused
     Options: ClassVar[type] = NoOptions  # the kind-specific config keys (a frozen dataclass); see kvtier.config
     default_codec: ClassVar[str] = "none"
     hit_source: ClassVar[str] = "external"  # what vLLM's hit-source metrics call it: "host", "disk", "external"
@@ -102,6 +103,15 @@ class Tier(ABC):
     def _footprint(self, size: int) -> int:
         """Capacity taken by a record of ``size`` bytes; tiers that allocate in units (pages) round it up."""
         return size
+
+    @classmethod
+    def check_config(cls, capacity: int, options: Any) -> None:
+        """Raise ConfigError (message starting with the key) for settings this kind cannot run with."""
+
+    @classmethod
+    def transport_warnings(cls, options: Any) -> list[str]:
+        """What is unsafe about how this tier reaches its storage (no TLS, no auth on a remote host)."""
+        return []
 
     # ---- listing: what the storage holds, for start-up, inspect and gc ------------------------------
     def entries(self, scope: str | None = None) -> Iterator[StoredBlock]:
@@ -196,8 +206,9 @@ class Tier(ABC):
                 victims = [self._take(k) for k in keys]
             try:
                 self._write(key, record)
-            except TierError:
+            except TierError as exc:
                 self._forget(key)
+                exc.victims = victims  # pushed out already: the caller demotes them all the same
                 raise
             self._used += size - self._sizes.get(key, 0)
             self._sizes[key] = size
@@ -243,6 +254,28 @@ class Tier(ABC):
                 return False
             self._forget(key)
             return True
+
+    def forget_all(self) -> list[BlockKey]:
+        """Drop every key from the index and the policy at once (no storage I/O); returns the keys. Their
+        storage is then freed with ``discard_forgotten`` (possibly in the background)."""
+        with self._lock:
+            keys = list(self._sizes)
+            for key in keys:
+                self.policy.on_remove(key)
+            self._sizes.clear()
+            self._used = 0
+            self._forgotten_all()
+            return keys
+
+    def _forgotten_all(self) -> None:
+        """Hook (lock held): release per-key state ``forget_all`` dropped (e.g. DRAM pages)."""
+
+    def discard_forgotten(self, key: BlockKey) -> None:
+        """Free the storage of a key dropped by ``forget_all``, unless it was stored again since."""
+        with self._lock:
+            if key in self._sizes:
+                return
+            self._discard_quietly(key)
 
     def close(self) -> None:
         """Release resources; a closed tier must not be used again."""

@@ -30,7 +30,7 @@ from kvtier.codecs import BlockCodec
 from kvtier.errors import TierError, TierFullError
 from kvtier.keys import KEY_SIZE, BlockKey
 from kvtier.policies.base import EvictionPolicy
-from kvtier.tiers.base import StoredBlock, Tier
+from kvtier.tiers.base import StoredBlock, Tier, Victim
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,10 @@ FREE_MARGIN_FRACTION = 0.05  # ... or this fraction of it on small filesystems, 
 STALE_TMP_S = 600.0  # a temp file this old belongs to no write in flight (a crash left it)
 _ALIGN = 4096
 _HEX = frozenset("0123456789abcdef")
+
+
+class FilesystemFullError(TierFullError):
+    """The filesystem itself has no room (ENOSPC, or the free margin), whatever the tier's capacity says."""
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,7 @@ class DiskTier(Tier):
     def __init__(self, name: str, capacity: int, codec: BlockCodec, policy: EvictionPolicy,
                  options: DiskOptions) -> None:
         super().__init__(name, capacity, codec, policy)
+        self.configured_capacity = capacity  # ``capacity`` shrinks below it while the filesystem is full
         self.options = options
         self.root = Path(options.path)
         self._direct = bool(options.o_direct) and hasattr(os, "O_DIRECT")
@@ -95,19 +100,52 @@ class DiskTier(Tier):
                 _fsync_dir(final.parent)
         except OSError as exc:
             _unlink_quietly(tmp)
-            if exc.errno == errno.ENOSPC:
-                raise TierFullError(f"tier {self.name}: filesystem full writing {final}: {exc}") from exc
+            if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+                raise FilesystemFullError(f"tier {self.name}: filesystem full writing {final}: {exc}") from exc
             raise TierError(f"tier {self.name}: cannot write {final}: {exc}") from exc
 
     def _read(self, key: BlockKey) -> bytes | None:
         path = self.path_of(key)
         try:
             with open(path, "rb", buffering=0) as f:
-                return f.read()
+                size = os.fstat(f.fileno()).st_size
+                if self.max_record_bytes is not None and size > self.max_record_bytes:
+                    log.warning("tier %s: %s is %d bytes, larger than any valid record; ignored", self.name, path,
+                                size)
+                    return None  # the caller forgets it, which deletes the file
+                return f.read(size + 1)
         except FileNotFoundError:
             return None
         except OSError as exc:
             raise TierError(f"tier {self.name}: cannot read {path}: {exc}") from exc
+
+    def put(self, key: BlockKey, record: bytes) -> list[Victim]:
+        """When the filesystem is fuller than the capacity assumed (other users, or a capacity larger than the
+        disk), the write is refused and the tier's effective capacity drops to what it holds, so later puts
+        evict before they write; it grows back as the filesystem frees up."""
+        if self.capacity != self.configured_capacity:
+            self._regrow(len(record))
+        try:
+            return super().put(key, record)
+        except FilesystemFullError as exc:
+            with self._lock:
+                if self._used and (not self.capacity or self._used < self.capacity):
+                    log.warning("tier %s: filesystem of %s is full (%s); effective capacity lowered from %d to "
+                                "%d bytes", self.name, self.root, exc, self.capacity, self._used)
+                    self.capacity = self._used
+            raise
+
+    def _regrow(self, size: int) -> None:
+        try:
+            usage = shutil.disk_usage(self.root)
+        except OSError:
+            return
+        margin = _margin(usage.total)
+        if usage.free - size > 2 * margin:
+            with self._lock:
+                configured = self.configured_capacity or usage.total  # 0 = unbounded: the filesystem bounds it
+                grown = min(configured, self._used + usage.free - size - margin)
+                self.capacity = self.configured_capacity if grown >= configured else max(self.capacity, grown)
 
     def _discard(self, key: BlockKey) -> None:
         path = self.path_of(key)
@@ -191,9 +229,9 @@ class DiskTier(Tier):
             usage = shutil.disk_usage(self.root)
         except OSError as exc:
             raise TierError(f"tier {self.name}: cannot stat filesystem of {self.root}: {exc}") from exc
-        margin = min(FREE_MARGIN_BYTES, int(usage.total * FREE_MARGIN_FRACTION))
+        margin = _margin(usage.total)
         if usage.free - size < margin:
-            raise TierFullError(f"tier {self.name}: filesystem of {self.root} has {usage.free} bytes free; writing "
+            raise FilesystemFullError(f"tier {self.name}: filesystem of {self.root} has {usage.free} bytes free; writing "
                                 f"{final} ({size} bytes) would leave less than the {margin}-byte margin")
 
     def _ensure_dir(self, directory: Path) -> None:
@@ -239,6 +277,10 @@ class DiskTier(Tier):
                 os.close(fd)
         finally:
             buf.release()
+
+
+def _margin(total: int) -> int:
+    return min(FREE_MARGIN_BYTES, int(total * FREE_MARGIN_FRACTION))
 
 
 def _key_of(subdir: str, filename: str) -> BlockKey | None:

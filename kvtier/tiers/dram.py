@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 
 MIN_PAGE_SIZE = 512
+MAX_PAGES = 1 << 26  # the free list holds one entry per page
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,16 @@ class DramTier(Tier):
     kind = "dram"
     Options = DramOptions
     hit_source = "host"
+
+    @classmethod
+    def check_config(cls, capacity: int, options: DramOptions) -> None:
+        pages = capacity // options.page_size
+        if pages < 1:
+            raise ConfigError(f"capacity: {capacity} bytes is less than one page ({options.page_size} bytes); a DRAM "
+                              "tier must be bounded")
+        if pages > MAX_PAGES:
+            raise ConfigError(f"capacity: {capacity} bytes makes {pages} pages of {options.page_size} bytes (at most "
+                              f"{MAX_PAGES}); raise page_size")
 
     def __init__(self, name: str, capacity: int, codec: BlockCodec, policy: EvictionPolicy,
                  options: DramOptions) -> None:
@@ -147,6 +158,11 @@ class DramTier(Tier):
         if entry is not None:
             self._free.extend(reversed(entry[0]))
             self._record_bytes -= entry[1]
+
+    def _forgotten_all(self) -> None:
+        self._pages.clear()
+        self._free = list(range(self.num_pages - 1, -1, -1))
+        self._record_bytes = 0
 
     def _check_open(self) -> None:
         if self._pool is None:

@@ -1,4 +1,4 @@
-"""RedisTier: block records as binary Redis strings, and RedisPrefixIndex, a shared "who holds what" index.
+"""RedisTier: block records as binary Redis strings (the shared index is kvtier/tiers/redis_index.py).
 
 Block keys are ``{key_prefix}:b:{hex}``; a SET replaces a value atomically, so a reader sees one writer's
 complete record or none. ``ttl_s`` > 0 stores with EX: an expired block is a miss and is forgotten. When the
@@ -27,11 +27,14 @@ from redis.retry import Retry
 
 from kvtier.codecs import BlockCodec
 from kvtier.errors import TierError, TierFullError
-from kvtier.keys import KEY_SIZE, BlockKey
+from kvtier.keys import BlockKey
 from kvtier.policies.base import EvictionPolicy
-from kvtier.tiers.base import StoredBlock
-from kvtier.redact import redact_url
-from kvtier.tiers.shared import BatchPutResult, SharedTier, parse_hex_key
+from kvtier.redact import redact_url, redacted_repr
+from kvtier.schema import bounded
+from kvtier.security import host_of, is_loopback
+from kvtier.tiers.base import BatchPutResult, StoredBlock
+from kvtier.tiers.redis_index import RedisPrefixIndex
+from kvtier.tiers.shared import TOO_LARGE, Fetched, FetchJob, SharedTier, parse_hex_key
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -41,27 +44,33 @@ PIPELINE_BYTES = 64 * 1024 * 1024  # bytes per pipelined round trip in put_many
 _PASSWORD_HINT = "check the tier's 'password' setting or the password in 'url'"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class RedisOptions:
+    __repr__ = redacted_repr
+
     url: str = field(default="redis://127.0.0.1:6379/0", metadata={"url": True})
     password: str | None = field(default=None, repr=False, metadata={"secret": True})
     tls: bool = False
     tls_ca_file: str | None = None
     key_prefix: str = "kvtier"
-    ttl_s: int = 0
-    socket_timeout_s: float = 2.0
+    ttl_s: int = bounded(0, 0)
+    connect_timeout_s: float = bounded(1.0, 0.001, 600)
+    load_timeout_s: float = bounded(1.0, 0.001, 600)  # all a load waits for this tier, in total
+    save_timeout_s: float = bounded(5.0, 0.001, 3600)  # per command of a background save
     shared_index: bool = False
 
 
-def make_redis_client(options: RedisOptions) -> redis.Redis:
+def make_redis_client(options: RedisOptions, for_loads: bool = False) -> redis.Redis:
+    """A client for loads (short timeout, no retry after a timeout) or for saves and listings."""
     url = options.url
     if options.tls and url.startswith("redis://"):
         url = "rediss://" + url[len("redis://"):]
+    timeout = options.load_timeout_s if for_loads else options.save_timeout_s
     kwargs: dict[str, Any] = {
-        "socket_timeout": options.socket_timeout_s,
-        "socket_connect_timeout": options.socket_timeout_s,
-        # One immediate retry heals a pooled connection the server closed; a dead server fails at once.
-        "retry": Retry(NoBackoff(), 1),
+        "socket_timeout": timeout,
+        "socket_connect_timeout": min(options.connect_timeout_s, timeout),
+        # One immediate retry heals a pooled connection the server closed; a timeout is never retried.
+        "retry": Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
     }
     if options.password:
         kwargs["password"] = options.password
@@ -78,83 +87,6 @@ def _block_of(name: str, idle: Any, size: Any) -> StoredBlock | None:
     return StoredBlock(key, name, namespace, size, float(idle) if isinstance(idle, int) else None)
 
 
-def _as_bytes(value: Any) -> bytes | None:
-    return None if value is None else bytes(value)
-
-
-class RedisPrefixIndex:
-    """Which block keys exist in which shared tier, kept in Redis so one instance learns what another stored.
-
-    Layout: the set ``{key_prefix}:index`` holds tier names; the hash ``{key_prefix}:index:{tier}`` maps each
-    16-byte block key to its record size. The index is a hint, not the truth: a block that expired or was
-    evicted by the server may still be listed until a reader finds it gone and removes it.
-    Methods raise TierError when Redis fails; ``pipe`` lets a caller batch index updates with its own writes.
-    """
-
-    def __init__(self, client: redis.Redis, key_prefix: str) -> None:
-        self.client = client
-        self.root = f"{key_prefix}:index"
-
-    def _hash(self, tier_name: str) -> str:
-        return f"{self.root}:{tier_name}"
-
-    def add(self, keys: Iterable[BlockKey], tier_name: str, sizes: Sequence[int] | None = None,
-            pipe: Any = None) -> None:
-        keys = list(keys)
-        if not keys:
-            return
-        mapping: dict[Any, Any] = {k: (sizes[i] if sizes else 0) for i, k in enumerate(keys)}
-        target = pipe if pipe is not None else self.client.pipeline(transaction=False)
-        target.sadd(self.root, tier_name)
-        target.hset(self._hash(tier_name), mapping=mapping)
-        if pipe is None:
-            self._run(target.execute)
-
-    def remove(self, keys: Iterable[BlockKey], tier_name: str | None = None, pipe: Any = None) -> None:
-        keys = list(keys)
-        if not keys:
-            return
-        tiers = [tier_name] if tier_name else self.tiers()
-        target = pipe if pipe is not None else self.client.pipeline(transaction=False)
-        for name in tiers:
-            target.hdel(self._hash(name), *keys)
-        if pipe is None:
-            self._run(target.execute)
-
-    def tiers(self) -> list[str]:
-        members: Any = self._run(lambda: self.client.smembers(self.root))
-        return sorted(m.decode() if isinstance(m, bytes) else str(m) for m in members)
-
-    def which(self, keys: Sequence[BlockKey]) -> dict[BlockKey, list[str]]:
-        """For each key some tier holds, the names of those tiers (keys nobody holds are left out)."""
-        found: dict[BlockKey, list[str]] = {}
-        tiers = self.tiers()
-        if not keys or not tiers:
-            return found
-        pipe = self.client.pipeline(transaction=False)
-        for name in tiers:
-            pipe.hmget(self._hash(name), list(keys))
-        for name, sizes in zip(tiers, self._run(pipe.execute)):
-            for key, size in zip(keys, sizes):
-                if size is not None:
-                    found.setdefault(key, []).append(name)
-        return found
-
-    def members(self, tier_name: str) -> Iterator[tuple[BlockKey, int]]:
-        """Every (key, size) recorded for ``tier_name``."""
-        items = self._run(lambda: list(self.client.hscan_iter(self._hash(tier_name), count=1000)))
-        for key, size in items:
-            if len(key) == KEY_SIZE:
-                yield bytes(key), int(size)
-
-    @staticmethod
-    def _run(fn: Callable[[], T]) -> T:
-        try:
-            return fn()
-        except RedisError as exc:
-            raise TierError(f"shared index: {type(exc).__name__}: {exc}") from None
-
-
 class RedisTier(SharedTier):
     kind = "redis"
     Options = RedisOptions
@@ -162,12 +94,14 @@ class RedisTier(SharedTier):
 
     def __init__(self, name: str, capacity: int, codec: BlockCodec, policy: EvictionPolicy,
                  options: RedisOptions) -> None:
-        super().__init__(name, capacity, codec, policy, label=f"tier {name!r} (redis)", max_concurrency=4)
+        super().__init__(name, capacity, codec, policy, label=f"tier {name!r} (redis)", max_concurrency=4,
+                         load_timeout_s=options.load_timeout_s)
         self.options = options
         self.url = redact_url(options.url)
         self.key_prefix = options.key_prefix
         try:
             self._client = make_redis_client(options)
+            self._load_client = make_redis_client(options, for_loads=True)
         except (ValueError, RedisError) as exc:
             raise TierError(f"{self.label}: invalid Redis settings for {self.url}: {type(exc).__name__} "
                             "(check 'url', 'tls', 'tls_ca_file')") from None
@@ -176,8 +110,23 @@ class RedisTier(SharedTier):
         try:
             self._check_server()
         except TierError:
-            self._client.close()
+            self.close()
             raise
+
+    @classmethod
+    def transport_warnings(cls, options: RedisOptions) -> list[str]:
+        url = options.url
+        if is_loopback(host_of(url)):
+            return []
+        out = []
+        if not (options.tls or url.lower().startswith("rediss://")):
+            out.append(f"{redact_url(url)} is reached without TLS: KV crosses the network in clear "
+                       "(set tls: true or use rediss://)")
+        userinfo = url.partition("://")[2].rpartition("@")[0]
+        if not (options.password or userinfo or "password=" in url):
+            out.append(f"{redact_url(url)} is reached without a password: anyone on the network can read and "
+                       "write its blocks (set password, or a password in url)")
+        return out
 
     def __repr__(self) -> str:
         return (f"RedisTier(name={self.name!r}, url={self.url!r}, key_prefix={self.key_prefix!r}, "
@@ -201,8 +150,8 @@ class RedisTier(SharedTier):
                             "'tls', 'tls_ca_file' and that the server is running)") from None
 
     # ---- the boundary: every backend call goes through here -----------------------------------------
-    def _call(self, op: str, fn: Callable[[], T]) -> T:
-        self.breaker.check()
+    def _call(self, op: str, fn: Callable[[], T], may_probe: bool = True) -> T:
+        self.breaker.check(may_probe)
         try:
             result = fn()
         except AuthenticationError as exc:  # a ConnectionError subclass, but the server is alive
@@ -234,8 +183,36 @@ class RedisTier(SharedTier):
         if isinstance(results[0], Exception):  # the SET; a failed index update only costs a hint
             raise self._response_error("put", results[0])
 
-    def _read(self, key: BlockKey) -> bytes | None:
-        return _as_bytes(self._call("get", lambda: self._client.get(self.redis_key(key))))
+    def _fetch_jobs(self, keys: Sequence[BlockKey]) -> list[FetchJob]:
+        jobs: list[FetchJob] = []
+        for start in range(0, len(keys), PIPELINE_KEYS):
+            chunk = list(keys[start:start + PIPELINE_KEYS])
+            jobs.append((list(range(start, start + len(chunk))), lambda chunk=chunk: self._fetch(chunk)))
+        return jobs
+
+    def _fetch(self, keys: list[BlockKey]) -> list[Fetched]:
+        """One round trip. With a size limit, GETRANGE reads at most limit + 1 bytes of each value: a value that
+        long is larger than any valid record and is refused; an empty one is absent."""
+        limit = self.max_record_bytes
+        pipe = self._load_client.pipeline(transaction=False)
+        for key in keys:
+            if limit is None:
+                pipe.get(self.redis_key(key))
+            else:
+                pipe.getrange(self.redis_key(key), 0, limit)
+        values = self._call("get", pipe.execute, may_probe=False)
+        out: list[Fetched] = []
+        for value in values:
+            if not value:
+                out.append(None)
+            elif limit is not None and len(value) > limit:
+                out.append(TOO_LARGE)
+            else:
+                out.append(bytes(value))
+        return out
+
+    def _probe(self) -> None:
+        self._client.ping()
 
     def _discard(self, key: BlockKey) -> None:
         pipe = self._client.pipeline(transaction=False)
@@ -276,6 +253,10 @@ class RedisTier(SharedTier):
     def _entries_indexed(self, index: RedisPrefixIndex) -> Iterator[StoredBlock]:
         """The index's entries for this tier that still exist; stale ones (expired blocks) are pruned."""
         entries = self._call("list", lambda: list(index.members(self.name)))
+        if index.malformed:
+            log.warning("%s: ignored %d malformed shared-index entries", self.label, index.malformed)
+            self.malformed_entries += index.malformed
+            index.malformed = 0
         for start in range(0, len(entries), 1000):
             chunk = entries[start:start + 1000]
             pipe = self._client.pipeline(transaction=False)
@@ -319,20 +300,6 @@ class RedisTier(SharedTier):
                 self._call("delete", pipe.execute)
 
     # ---- batches: one round trip per chunk ------------------------------------------------------------
-    def get_many(self, keys: Sequence[BlockKey]) -> list[bytes | None]:
-        out: list[bytes | None] = []
-        for start in range(0, len(keys), PIPELINE_KEYS):
-            chunk = keys[start:start + PIPELINE_KEYS]
-            names = [self.redis_key(k) for k in chunk]
-            try:
-                values: Any = self._call("get", lambda: self._client.mget(names))  # noqa: B023 - called at once
-            except TierError as exc:
-                self._note_failure("get", exc)
-                out.extend([None] * len(chunk))
-                continue
-            out.extend(self._after_read(k, _as_bytes(v)) for k, v in zip(chunk, values))
-        return out
-
     def put_many(self, items: Iterable[tuple[BlockKey, bytes]]) -> BatchPutResult:
         result = BatchPutResult()
         batch: list[tuple[BlockKey, bytes, int]] = []
@@ -374,3 +341,5 @@ class RedisTier(SharedTier):
     def close(self) -> None:
         super().close()
         self._client.close()
+        if hasattr(self, "_load_client"):
+            self._load_client.close()

@@ -31,8 +31,10 @@ from kvtier.errors import TierError
 from kvtier.keys import BlockKey
 from kvtier.policies.base import EvictionPolicy
 from kvtier.tiers.base import StoredBlock
-from kvtier.redact import redact_url
-from kvtier.tiers.shared import SharedTier, parse_hex_key
+from kvtier.redact import redact_url, redacted_repr
+from kvtier.schema import bounded
+from kvtier.security import host_of, is_loopback
+from kvtier.tiers.shared import TOO_LARGE, Fetched, FetchJob, SharedTier, parse_hex_key
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -45,8 +47,10 @@ _CREDENTIAL_HINT = ("check the tier's 'access_key_id'/'secret_access_key' settin
                     "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, ~/.aws/credentials)")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class S3Options:
+    __repr__ = redacted_repr
+
     bucket: str = ""
     prefix: str = "kvtier"
     endpoint_url: str | None = field(default=None, metadata={"url": True})
@@ -54,10 +58,11 @@ class S3Options:
     addressing_style: Literal["auto", "path", "virtual"] = "auto"
     access_key_id: str | None = None
     secret_access_key: str | None = field(default=None, repr=False, metadata={"secret": True})
-    max_concurrency: int = 16
-    connect_timeout_s: float = 2.0
-    read_timeout_s: float = 10.0
-    retries: int = 2
+    max_concurrency: int = bounded(16, 1, 1024)
+    connect_timeout_s: float = bounded(1.0, 0.001, 600)
+    load_timeout_s: float = bounded(1.0, 0.001, 600)  # all a load waits for this tier, in total
+    save_timeout_s: float = bounded(10.0, 0.001, 3600)  # per request of a background save (retried)
+    retries: int = bounded(2, 0, 20)  # retries of a save request after the first try (loads never retry)
     create_bucket: bool = False
 
 
@@ -65,12 +70,14 @@ def _error_code(exc: ClientError) -> str:
     return str(exc.response.get("Error", {}).get("Code", ""))
 
 
-def make_s3_client(options: S3Options) -> Any:
-    """A boto3 S3 client configured from the tier options (timeouts, retries, pool size, addressing)."""
+def make_s3_client(options: S3Options, for_loads: bool = False) -> Any:
+    """A boto3 S3 client configured from the tier options: loads get the short load timeout and no retries,
+    saves (and listings) the save timeout and ``retries``."""
+    timeout = options.load_timeout_s if for_loads else options.save_timeout_s
     config = Config(
-        connect_timeout=options.connect_timeout_s,
-        read_timeout=options.read_timeout_s,
-        retries={"mode": "standard", "total_max_attempts": max(1, options.retries + 1)},
+        connect_timeout=min(options.connect_timeout_s, timeout),
+        read_timeout=timeout,
+        retries={"mode": "standard", "total_max_attempts": 1 if for_loads else options.retries + 1},
         max_pool_connections=max(1, options.max_concurrency),
         s3={"addressing_style": options.addressing_style},
         # Records carry their own checksum; skip the extra CRC the SDK would compute on every body.
@@ -95,21 +102,30 @@ class S3Tier(SharedTier):
         if not options.bucket:
             raise TierError(f"tier {name!r} (s3): no bucket configured (set the tier's 'bucket')")
         super().__init__(name, capacity, codec, policy, label=f"tier {name!r} (s3)",
-                         max_concurrency=options.max_concurrency)
+                         max_concurrency=options.max_concurrency, load_timeout_s=options.load_timeout_s)
         self.options = options
         self.bucket = options.bucket
         self.prefix = options.prefix.strip("/")
         self.endpoint = redact_url(options.endpoint_url)
         try:
             self._client = make_s3_client(options)
+            self._load_client = make_s3_client(options, for_loads=True)
         except (BotoCoreError, ValueError) as exc:
             raise TierError(f"{self.label}: cannot configure the S3 client for {self.endpoint}: "
                             f"{type(exc).__name__} (check 'endpoint_url', 'region', 'addressing_style')") from None
         try:
             self._check_bucket()
         except TierError:
-            self._client.close()
+            self.close()
             raise
+
+    @classmethod
+    def transport_warnings(cls, options: S3Options) -> list[str]:
+        url = options.endpoint_url or "https://s3.amazonaws.com"  # boto3's default endpoints use TLS
+        if url.lower().startswith("http://") and not is_loopback(host_of(url)):
+            return [f"{redact_url(url)} is reached without TLS (http://): credentials and KV cross the network "
+                    "in clear; use an https:// endpoint_url"]
+        return []
 
     def __repr__(self) -> str:
         return (f"S3Tier(name={self.name!r}, endpoint={self.endpoint!r}, bucket={self.bucket!r}, "
@@ -162,8 +178,8 @@ class S3Tier(SharedTier):
             raise TierError(f"{self.label}: cannot create {where}: {type(exc).__name__}") from None
 
     # ---- the boundary: every backend call goes through here -----------------------------------------
-    def _call(self, op: str, fn: Callable[[], T]) -> T:
-        self.breaker.check()
+    def _call(self, op: str, fn: Callable[[], T], may_probe: bool = True) -> T:
+        self.breaker.check(may_probe)
         try:
             result = fn()
         except ClientError as exc:
@@ -184,23 +200,33 @@ class S3Tier(SharedTier):
         name = self.object_name(key)
         self._call("put", lambda: self._client.put_object(Bucket=self.bucket, Key=name, Body=record))
 
-    def _read(self, key: BlockKey) -> bytes | None:
-        name = self.object_name(key)
+    def _fetch_jobs(self, keys: Sequence[BlockKey]) -> list[FetchJob]:
+        return [([i], lambda key=key: [self._fetch(key)]) for i, key in enumerate(keys)]  # type: ignore[misc]
 
-        def fetch() -> bytes | None:
+    def _fetch(self, key: BlockKey) -> Fetched:
+        name = self.object_name(key)
+        limit = self.max_record_bytes
+
+        def fetch() -> Fetched:
             try:
-                response = self._client.get_object(Bucket=self.bucket, Key=name)
+                response = self._load_client.get_object(Bucket=self.bucket, Key=name)
             except ClientError as exc:
                 if _error_code(exc) in _MISSING_KEY:
                     return None
                 raise
-            body = response["Body"].read()
             expected = response.get("ContentLength")
-            if expected is not None and len(body) != expected:
-                raise TierError(f"{self.label}: short read of {name}: {len(body)} of {expected} bytes")
-            return body
+            if limit is not None and (expected is None or expected > limit):
+                response["Body"].close()  # refused unread: larger than any valid record here
+                return TOO_LARGE
+            body = response["Body"].read(limit + 1 if limit is not None else None)
+            if (expected is not None and len(body) != expected) or (limit is not None and len(body) > limit):
+                raise TierError(f"{self.label}: short or long read of {name}: {len(body)} of {expected} bytes")
+            return bytes(body)
 
-        return self._call("get", fetch)
+        return self._call("get", fetch, may_probe=False)
+
+    def _probe(self) -> None:
+        self._client.head_bucket(Bucket=self.bucket)
 
     def _discard(self, key: BlockKey) -> None:
         name = self.object_name(key)
@@ -262,3 +288,5 @@ class S3Tier(SharedTier):
     def close(self) -> None:
         super().close()
         self._client.close()
+        if hasattr(self, "_load_client"):
+            self._load_client.close()

@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from kvtier.codecs import max_record_size
 from kvtier.errors import CorruptBlockError, TierError, TierFullError
 from kvtier.keys import BlockKey
 from kvtier.metrics import StoreMetrics
@@ -34,6 +35,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 Found = tuple[bytes, str]  # verified raw bytes and the name of the tier that served them
 MapFn = Callable[[Callable[[Any], Any], Iterable[Any]], Iterable[Any]]
+
+
+def _discarder(tier: Tier, keys: list[BlockKey]) -> Callable[[], None]:
+    def discard() -> None:
+        for key in keys:
+            tier.discard_forgotten(key)
+    return discard
 
 
 class TierStack:
@@ -52,21 +60,43 @@ class TierStack:
         self.on_change = on_change or (lambda key, tier: None)
         # Runs promotions off the caller's path when set (e.g. a thread pool's submit); inline otherwise.
         self.background = background
-        self.raw_size: int | None = None  # bytes of one block here, once known: any other size is corrupt
+        self._raw_size: int | None = None
         # Victims between eviction and their landing one tier down: key -> (source tier index, record).
         self._transit: dict[BlockKey, tuple[int, bytes]] = {}
         self._transit_lock = threading.Lock()
         self._landed = 0  # demotions finished; get rescans when this moved during its scan
 
+    @property
+    def raw_size(self) -> int | None:
+        """Bytes of one block in this engine, once known: a record of any other raw size is corrupt, and no
+        tier reads an object larger than the largest valid record of that size."""
+        return self._raw_size
+
+    @raw_size.setter
+    def raw_size(self, value: int | None) -> None:
+        self._raw_size = value
+        for tier in self.tiers:
+            tier.max_record_bytes = None if value is None else max_record_size(value)
+
     @classmethod
     def from_config(cls, cfg: KVTierConfig, metrics: StoreMetrics | None = None,
                     on_change: Callable[[BlockKey, str | None], None] | None = None,
                     background: Callable[[Callable[[], None]], None] | None = None) -> TierStack:
+        from kvtier.security import load_auth_key, log_warnings_once, signs
         from kvtier.tiers.factory import make_tier
 
-        tiers = [make_tier(t, cfg.checksum, f"tiers[{i}]") for i, t in enumerate(cfg.tiers)]
-        for tier in tiers:
-            tier.load_existing()
+        key = load_auth_key(cfg.auth)
+        log_warnings_once(cfg, key)
+        tiers: list[Tier] = []
+        try:
+            for i, t in enumerate(cfg.tiers):
+                tiers.append(make_tier(t, cfg.checksum, f"tiers[{i}]", key if signs(cfg, t) else None))
+            for tier in tiers:
+                tier.load_existing()
+        except BaseException:
+            for tier in tiers:
+                tier.close()
+            raise
         return cls(tiers, cfg.promote_on_hit, [t.name for t in cfg.tiers if t.write_through], metrics, on_change,
                    background)
 
@@ -109,11 +139,9 @@ class TierStack:
         start = time.perf_counter()
         try:
             victims = tier.put(key, record)
-        except TierFullError as exc:
-            self._fail(tier, "full", exc)
-            return self._put_below(index, key, record) if cascade else False
         except TierError as exc:
-            self._fail(tier, "error", exc)
+            self._fail(tier, "full" if isinstance(exc, TierFullError) else "error", exc)
+            self._demote_all(index, exc.victims)  # what the failed put pushed out still goes down a tier
             return self._put_below(index, key, record) if cascade else False
         self.metrics.observe(tier.name, "put", time.perf_counter() - start)
         self.metrics.add(tier.name, "puts")
@@ -313,10 +341,18 @@ class TierStack:
         return {t.name: {"blocks": len(t), "used_bytes": t.used_bytes, "capacity": t.capacity} for t in self.tiers}
 
     def clear(self) -> None:
+        """Forget every block at once. Local tiers free their storage in the background (on ``background``,
+        or a thread of its own); shared tiers keep their objects, which other instances may use."""
         for tier in self.tiers:
-            for key in tier.keys():
-                tier.delete(key)
+            keys = tier.forget_all()
+            for key in keys:
                 self.on_change(key, None)
+            if keys and not tier.shared:
+                job = _discarder(tier, keys)
+                if self.background is None:
+                    threading.Thread(target=job, name=f"kvtier-clear-{tier.name}", daemon=True).start()
+                else:
+                    self.background(job)
 
     def close(self) -> None:
         for tier in self.tiers:
