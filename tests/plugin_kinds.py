@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 import zlib
 from dataclasses import dataclass
 
@@ -9,6 +10,7 @@ from kvtier.codecs.base import Codec
 from kvtier.errors import ConfigError
 from kvtier.keys import BlockKey
 from kvtier.tiers.base import Tier
+from kvtier.tiers.dram import DramOptions, DramTier
 
 
 @dataclass(frozen=True)
@@ -67,3 +69,28 @@ class ZlibCodec(Codec):
         if out.unconsumed_tail or not out.eof:
             raise ValueError("zlib payload longer than its raw size, or truncated")
         return data
+
+
+@dataclass(frozen=True)
+class PoisonOptions(DramOptions):
+    poison_put: int = -1  # the n-th put (0-based) stores a forged record instead of the block
+
+
+class PoisonDramTier(DramTier):
+    """A DRAM tier that stores one forged record: a consistent header claiming 2^40 raw bytes, as hostile
+    storage would serve it. Used by the e2e tests to poison one block of a reused prefix."""
+
+    kind = "poison-dram"
+    Options = PoisonOptions
+
+    def __init__(self, name: str, capacity: int, codec: object, policy: object, options: PoisonOptions) -> None:
+        super().__init__(name, capacity, codec, policy, options)  # type: ignore[arg-type]
+        self.poison_put = options.poison_put
+        self.puts = 0
+
+    def _write(self, key: BlockKey, record: bytes) -> None:
+        if self.puts == self.poison_put:
+            head = struct.pack("<4sBBBBQQQ16s", b"KVTB", 1, 1, 0, 1, 1 << 40, 64, 0, key)
+            record = head + struct.pack("<II", zlib.crc32(head), 0) + bytes(64)
+        self.puts += 1
+        super()._write(key, record)

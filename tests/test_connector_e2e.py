@@ -98,3 +98,27 @@ def test_async_load_gives_identical_tokens(model: str, baseline: dict, tmp_path:
     assert outputs(result, "repeat_output") == outputs(baseline, "repeat_output")
     for turn in result["turns"]:
         assert turn["repeat_cached"] == full_blocks(turn["prompt_len"]), turn
+
+
+@pytest.mark.parametrize("async_load", [False, True], ids=["sync", "async"])
+def test_a_poisoned_block_of_a_reused_prefix_is_recomputed(model: str, async_load: bool,
+                                                           poisoned_baseline: dict) -> None:
+    # Block 2 of the prompt is stored as a forged record (a consistent header claiming 2^40 raw bytes). The
+    # repeat loads blocks 0-1, finds block 2 bad and reports it: vLLM recomputes blocks 2-4. The tokens must
+    # equal plain vLLM's when it holds blocks 0-1 itself and computes the rest.
+    config = {"tiers": [{"kind": "plugin_kinds:PoisonDramTier", "capacity": "64MiB", "poison_put": 2}],
+              "connector": {"async_load": async_load}}
+    result = run_driver({"model": model, "kvtier": config, **POISON_SCRIPT})
+    turn = result["turns"][0]
+    assert turn["repeat_output"] == poisoned_baseline["turns"][0]["repeat_output"]
+    assert turn["output"] == poisoned_baseline["turns"][0]["output"]
+    assert "3 of 5 blocks failed to load" in result["log"]
+    assert "Traceback" not in result["log"]
+
+
+POISON_SCRIPT = {"turns": 1, "system_len": 600, "question_len": 100, "max_tokens": 24, "repeat_after_reset": True}
+
+
+@pytest.fixture(scope="module")
+def poisoned_baseline(model: str) -> dict:
+    return run_driver({"model": model, **POISON_SCRIPT, "prime_blocks": 2})

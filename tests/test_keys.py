@@ -46,3 +46,24 @@ def test_same_keys_in_processes_with_different_hash_seeds() -> None:
         outputs.add(out.stdout.strip())
     assert len(outputs) == 1
     assert outputs.pop() == ",".join(k.hex() for k in block_keys(FP, TOKENS, 4, cache_salt="s"))
+
+
+def test_the_fingerprint_follows_every_setting_that_changes_kv() -> None:
+    # Real vLLM configs of the locally built model: the same settings give the same fingerprint in any
+    # process; RoPE overrides and the KV-cache dtype give another (their KV differs for the same tokens).
+    from vllm.engine.arg_utils import EngineArgs
+
+    from kvtier.connector.fingerprint import fingerprint_from_vllm
+    from kvtier_bench.models import build_model
+
+    model = build_model("tiny")
+
+    def digest(**kwargs: object) -> bytes:
+        cfg = EngineArgs(model=model, dtype="bfloat16", max_model_len=1024, enforce_eager=True,
+                         **kwargs).create_engine_config()  # type: ignore[arg-type]
+        return fingerprint_from_vllm(cfg, None).digest()
+
+    plain = digest()
+    assert digest() == plain
+    assert digest(hf_overrides={"rope_theta": 5000.0}) != plain
+    assert digest(kv_cache_dtype="fp8") != plain

@@ -97,3 +97,64 @@ def test_what_workers_restored_at_start_up_is_known_before_the_first_step(tmp_pa
     stored(s, keys[2:3], tier="dram")  # a step's report is newer than any start-up report
     s.learn_startup([StartupPlacement.pack([("disk", keys[:3])]), StartupPlacement.pack([("s3", keys)])])
     assert [s.index.tier_of(k) for k in keys] == ["disk", "disk", "dram"]
+
+
+# ---- request identity, with vLLM's own Request objects ------------------------------------------------------
+
+def vllm_request(rid: str, tokens: list[int], **kwargs):  # type: ignore[no-untyped-def]
+    from vllm import SamplingParams
+    from vllm.v1.request import Request
+
+    return Request(rid, tokens, SamplingParams(max_tokens=4), None, **kwargs)
+
+
+def hit_after_storing(s: SchedulerSide, stored_req, asked_req) -> int:  # type: ignore[no-untyped-def]
+    """Store every full block of ``stored_req`` (as the worker would report), then ask for ``asked_req``."""
+    state = s._state(stored_req)
+    keys = state.chain.extend(list(stored_req.all_token_ids))
+    stored(s, keys)
+    return s.get_num_new_matched_tokens(asked_req, 0)[0]
+
+
+def test_lora_adapters_salts_and_embeddings_get_disjoint_keys(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import torch
+    from vllm.lora.request import LoRARequest
+
+    tokens = list(range(1, 18))  # 4 full blocks + 1
+    alpha, beta = LoRARequest("alpha", 1, "/adapters/alpha"), LoRARequest("beta", 2, "/adapters/beta")
+    assert hit_after_storing(side(tmp_path), vllm_request("a", tokens, lora_request=alpha),
+                             vllm_request("b", tokens, lora_request=beta)) == 0
+    assert hit_after_storing(side(tmp_path), vllm_request("a", tokens, lora_request=alpha),
+                             vllm_request("b", tokens)) == 0
+    assert hit_after_storing(side(tmp_path), vllm_request("a", tokens, lora_request=alpha),
+                             vllm_request("b", tokens, lora_request=LoRARequest("alpha", 7, "/adapters/alpha"))) == 16
+    assert hit_after_storing(side(tmp_path), vllm_request("a", tokens, cache_salt="x"),
+                             vllm_request("b", tokens, cache_salt="y")) == 0
+    # Prompt embeddings: the token ids are placeholders (all 0); the embeddings decide the keys.
+    embeds = torch.randn(17, 8)
+    other = embeds.clone()
+    other[9] += 1.0  # differs in block 2 only
+    a = vllm_request("a", None, prompt_embeds=embeds)
+    assert hit_after_storing(side(tmp_path), a, vllm_request("b", None, prompt_embeds=embeds.clone())) == 16
+    assert hit_after_storing(side(tmp_path), a, vllm_request("c", None, prompt_embeds=other)) == 8
+
+
+def test_multimodal_requests_are_never_loaded_nor_saved(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    s = side(tmp_path)
+    req = request("mm", list(range(13)))
+    req.mm_features = [object()]
+    stored(s, block_keys(FP, list(range(13)), BS))
+    assert s.get_num_new_matched_tokens(req, 0) == (0, False)
+    new = SimpleNamespace(req_id="mm", block_ids=([5, 6, 7, 8],), num_computed_tokens=0)
+    s.pending_saves.clear()
+    s.index.clear()
+    assert s.build_connector_meta(sched_output(new=[new], scheduled={"mm": 13})).saves == []
+
+
+def test_a_reset_moves_every_new_request_to_fresh_keys(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    s = side(tmp_path)
+    tokens = list(range(17))
+    before = s._state(request("a", tokens)).chain.extend(tokens)
+    s.reset_cache()
+    after = s._state(request("b", tokens)).chain.extend(tokens)
+    assert not set(before) & set(after)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from kvtier.config import KVTierConfig
+from kvtier.connector.identity import embeddings_extra, request_identity, reusable
 from kvtier.connector.metadata import KVTierMetadata, KVTierWorkerMeta, LoadSpec
 from kvtier.connector.placement import PlacementIndex, StartupPlacement
 from kvtier.keys import KeyChain, ModelFingerprint
@@ -41,6 +42,7 @@ class SchedulerSide:
         self.tier_sources = {t.name: TIERS.resolve(t.kind, f"tiers[{i}].kind").hit_source
                              for i, t in enumerate(cfg.tiers)}
         self.index = PlacementIndex()  # key -> tier that holds it (as last reported)
+        self.epoch = 0  # reset_cache epochs: part of every new request's keys
         self.pending_saves: set[bytes] = set()
         self._reqs: dict[str, _ReqState] = {}
         self._loads: list[LoadSpec] = []
@@ -56,7 +58,8 @@ class SchedulerSide:
     def _state(self, request: Request) -> _ReqState:
         state = self._reqs.get(request.request_id)
         if state is None:
-            chain = KeyChain(self.fingerprint, self.block_size, getattr(request, "cache_salt", None))
+            chain = KeyChain(self.fingerprint, self.block_size, identity=request_identity(request, self.epoch),
+                             block_extra=embeddings_extra(request, self.block_size))
             state = _ReqState(request, chain)
             self._reqs[request.request_id] = state
         return state
@@ -65,7 +68,7 @@ class SchedulerSide:
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
         state = self._state(request)
         state.pending_load = None
-        if getattr(request, "mm_features", None):
+        if not reusable(request):
             return 0, False  # multimodal inputs change KV without changing token ids: never reuse
         # vLLM must compute at least the last prompt token itself.
         max_blocks = (request.num_tokens - 1) // self.block_size
@@ -129,6 +132,8 @@ class SchedulerSide:
 
     def _plan_saves(self, state: _ReqState, tokens_after_step: int, meta: KVTierMetadata) -> None:
         request = state.request
+        if not reusable(request):
+            return  # its keys would not say what its KV holds: never store it
         limit = tokens_after_step
         if not self.cfg.connector.save_decode_blocks:
             limit = min(limit, request.num_prompt_tokens)
@@ -166,6 +171,9 @@ class SchedulerSide:
                 "index_blocks": len(self.index)}))
 
     def reset_cache(self) -> bool:
+        """Forget everything stored: a new key epoch makes all earlier blocks unreachable from this engine at
+        once (other engines keep theirs); the workers then free their local tiers in the background."""
+        self.epoch += 1
         self.index.clear()
         self.pending_saves.clear()
         self._clear_next = True

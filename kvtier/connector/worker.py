@@ -1,10 +1,13 @@
 """Worker-side connector: loads into the blocks vLLM allocated, saves computed blocks, reports back.
 
 Saves: the blocks named in the step's metadata are gathered into host memory at the end of the step
-(``wait_for_save``), so vLLM may reuse them right away; encoding and storing run on a thread pool.
+(``wait_for_save``), so vLLM may reuse them right away; encoding and storing run on the save queue, which
+holds at most ``connector.max_pending_save_bytes`` of host copies (beyond it a save is dropped and counted).
 Loads: blocks are fetched from the tiers in parallel, verified (checksum, key, size) and copied into vLLM's
-blocks. A block that is missing, corrupt or of the wrong size fails its request's load from that block on;
-the failed block ids go to ``get_block_ids_with_load_errors`` so vLLM recomputes them.
+blocks. A block that is missing, corrupt or of the wrong size fails its request's load from that block on,
+and anything that goes wrong in a load fails all of its blocks: the failed block ids always reach
+``get_block_ids_with_load_errors`` (sync and async loads alike), so vLLM recomputes them and never runs on
+whatever its blocks held before.
 """
 
 from __future__ import annotations
@@ -20,11 +23,12 @@ import numpy as np
 import torch
 
 from kvtier.config import KVTierConfig
-from kvtier.connector.metadata import KVTierMetadata, KVTierWorkerMeta, LoadSpec, stats_delta
+from kvtier.connector.counters import Counters
+from kvtier.connector.metadata import KVTierMetadata, KVTierWorkerMeta, LoadSpec
 from kvtier.connector.placement import StartupPlacement
+from kvtier.connector.savequeue import SaveQueue
 from kvtier.tiers.stack import TierStack
 from kvtier.transfer import KVLayout
-from kvtier.units import format_size
 
 if TYPE_CHECKING:
     from kvtier.attention.feed import ScoreFeed
@@ -38,28 +42,30 @@ class WorkerSide:
         self.num_blocks = num_blocks
         self._events: list[tuple[bytes, str | None]] = []
         self._events_lock = threading.Lock()
-        self.pool = ThreadPoolExecutor(max(1, cfg.connector.transfer_threads), thread_name_prefix="kvtier-save")
+        threads = cfg.connector.transfer_threads
+        self.saves = SaveQueue(threads, cfg.connector.max_pending_save_bytes)
         # Promotions after a lower-tier hit run with the saves, never on the request's path.
         self.stack = TierStack.from_config(cfg, on_change=self._on_change, background=self._background)
         self.layout: KVLayout | None = None
         self.scores: ScoreFeed | None = None  # attention-score feed, set by attach_attention
         # Separate pools: a load (on the request's critical path) never queues behind background saves.
-        self.load_pool = ThreadPoolExecutor(max(1, cfg.connector.transfer_threads), thread_name_prefix="kvtier-load")
-        self._saves: list[Future[None]] = []
+        self.load_pool = ThreadPoolExecutor(threads, thread_name_prefix="kvtier-load")
         self._async_loads: dict[str, Future[set[int]]] = {}
         self._load_errors: set[int] = set()
-        self._counters: dict[str, float] = {}
-        self._reported: dict[str, float] = {}
-        self._last_log = time.monotonic()
-        self._counters_lock = threading.Lock()
+        self.counters = Counters(self._tier_stats, cfg.metrics.log_interval_s)
         self.exporter = None
         if cfg.metrics.prometheus_port is not None:  # standalone /metrics on 127.0.0.1 (kvtier/prom.py)
             from kvtier.prom import start_exporter
 
-            self.exporter = start_exporter(cfg.metrics.prometheus_port, self.stack, lambda: dict(self._counters))
+            self.exporter = start_exporter(cfg.metrics.prometheus_port, self.stack, self.counters.values)
+
+    def _tier_stats(self) -> dict[str, Any]:
+        extra = self.scores.counters() if self.scores is not None else {}
+        return {"counters": extra, "tiers": self.stack.metrics.snapshot(), "usage": self.stack.usage()}
 
     def _background(self, job: Callable[[], None]) -> None:
-        self._saves.append(self.pool.submit(job))
+        if self.saves.submit(job) is None:
+            self.counters.add(promotions_dropped=1)
 
     def startup_placement(self) -> StartupPlacement:
         """What the persistent tiers held at start-up (restored by the stack), fastest tier first."""
@@ -68,11 +74,6 @@ class WorkerSide:
     def _on_change(self, key: bytes, tier: str | None) -> None:
         with self._events_lock:
             self._events.append((key, tier))
-
-    def _count(self, **values: float) -> None:
-        with self._counters_lock:
-            for name, value in values.items():
-                self._counters[name] = self._counters.get(name, 0) + value
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         self.layout = KVLayout(kv_caches, self.num_blocks)
@@ -94,8 +95,7 @@ class WorkerSide:
     # ---- loads -------------------------------------------------------------------------------------
     def start_load_kv(self, meta: KVTierMetadata) -> None:
         if meta.clear_store:
-            self.drain()
-            self.stack.clear()
+            self.stack.clear()  # forgets at once; local storage is freed in the background
         if self.scores is not None:
             self.scores.on_loads([list(zip(spec.keys, spec.block_ids, strict=False)) for spec in meta.loads])
         for spec in meta.loads:
@@ -105,9 +105,31 @@ class WorkerSide:
                 self._load_errors |= self._load(spec, parallel=True)
 
     def _load(self, spec: LoadSpec, parallel: bool = False) -> set[int]:
-        """Load one request's blocks; returns the block ids that failed (from the first failure on)."""
-        assert self.layout is not None, "register_kv_caches was not called"
+        """Load one request's blocks; returns the block ids that failed (from the first failure on, or all of
+        them when anything went wrong). Never raises."""
         start = time.perf_counter()
+        try:
+            good, sources = self._copy_in(spec, parallel)
+        except Exception as exc:  # whatever failed, vLLM recomputes every block of this load
+            log.warning("kvtier: load of request %s failed (%s: %s); vLLM recomputes its %d blocks", spec.req_id,
+                        type(exc).__name__, exc, len(spec.block_ids))
+            good, sources = 0, []
+        for tier in sources:
+            self.counters.add(**{f"loaded_blocks.{tier}": 1})
+        block_bytes = self.layout.block_bytes if self.layout is not None else 0
+        self.counters.add(loaded_blocks=good, load_failed_blocks=len(spec.keys) - good,
+                          loaded_bytes=good * block_bytes, load_time_s=time.perf_counter() - start)
+        if good < len(spec.keys):
+            log.info("kvtier: request %s: %d of %d blocks failed to load; vLLM recomputes them",
+                     spec.req_id, len(spec.keys) - good, len(spec.keys))
+        return set(spec.block_ids[good:])
+
+    def _copy_in(self, spec: LoadSpec, parallel: bool) -> tuple[int, list[str]]:
+        """Fetch, verify and scatter the longest loadable prefix; (blocks loaded, the tier of each)."""
+        if self.layout is None:
+            raise RuntimeError("register_kv_caches was not called")
+        if len(spec.keys) != len(spec.block_ids):
+            raise ValueError(f"{len(spec.keys)} keys for {len(spec.block_ids)} blocks")
         fetched = self.stack.get_many(spec.keys, self.load_pool.map if parallel else map)
         good = 0
         while good < len(fetched) and fetched[good] is not None and len(fetched[good][0]) == self.layout.block_bytes:
@@ -118,14 +140,7 @@ class WorkerSide:
             for i in range(good):
                 arr[i] = np.frombuffer(fetched[i][0], dtype=np.uint8)  # type: ignore[index]
             self.layout.scatter(spec.block_ids[:good], host)
-        for i in range(good):
-            self._count(**{f"loaded_blocks.{fetched[i][1]}": 1})  # type: ignore[index]
-        self._count(loaded_blocks=good, load_failed_blocks=len(spec.keys) - good,
-                    loaded_bytes=good * self.layout.block_bytes, load_time_s=time.perf_counter() - start)
-        if good < len(spec.keys):
-            log.info("kvtier: request %s: %d of %d blocks failed to load; vLLM recomputes them",
-                     spec.req_id, len(spec.keys) - good, len(spec.keys))
-        return set(spec.block_ids[good:])
+        return good, [found[1] for found in fetched[:good] if found is not None]
 
     # ---- saves -------------------------------------------------------------------------------------
     def wait_for_save(self, meta: KVTierMetadata) -> None:
@@ -135,12 +150,23 @@ class WorkerSide:
             return
         start = time.perf_counter()
         keys = [key for key, _ in meta.saves]
-        host = self.layout.gather([block_id for _, block_id in meta.saves])
-        self._count(gather_time_s=time.perf_counter() - start)
-        self._saves = [f for f in self._saves if not f.done()]
-        self._saves.append(self.pool.submit(self._store, keys, host))
+        nbytes = len(keys) * self.layout.block_bytes
+        if self.saves.held_bytes + nbytes > self.saves.max_bytes:
+            self._drop_saves(keys)  # the store is behind: no host copy either
+            future = None
+        else:
+            host = self.layout.gather([block_id for _, block_id in meta.saves])
+            self.counters.add(gather_time_s=time.perf_counter() - start)
+            future = self.saves.submit(lambda: self._store(keys, host), nbytes)
+            if future is None:
+                self._drop_saves(keys)
         if self.scores is not None:  # attention scores, sinks, links: applied once this store has landed
-            self.scores.on_step_end(meta.saves, meta.sinks, meta.links, self._saves[-1])
+            self.scores.on_step_end(meta.saves, meta.sinks, meta.links, future)
+
+    def _drop_saves(self, keys: list[bytes]) -> None:
+        self.counters.add(save_dropped_blocks=len(keys))
+        for key in keys:
+            self._on_change(key, None)  # the scheduler stops waiting for them
 
     def _store(self, keys: list[bytes], host: torch.Tensor) -> None:
         start = time.perf_counter()
@@ -154,17 +180,14 @@ class WorkerSide:
             if not ok:
                 self._on_change(key, None)
         stored = sum(results)
-        self._count(saved_blocks=stored, save_failed_blocks=len(keys) - stored,
-                    saved_bytes=stored * host.shape[1], save_time_s=time.perf_counter() - start)
+        self.counters.add(saved_blocks=stored, save_failed_blocks=len(keys) - stored,
+                          saved_bytes=stored * host.shape[1], save_time_s=time.perf_counter() - start)
 
     # ---- completion and reporting ------------------------------------------------------------------
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         done = {rid for rid, fut in self._async_loads.items() if fut.done()}
         for rid in done:
-            try:
-                self._load_errors |= self._async_loads.pop(rid).result()
-            except Exception as exc:
-                log.warning("kvtier: async load of %s failed: %s", rid, exc)
+            self._load_errors |= self._async_loads.pop(rid).result()  # _load never raises
         return None, (done or None)
 
     def take_load_errors(self) -> set[int]:
@@ -179,50 +202,21 @@ class WorkerSide:
         return KVTierWorkerMeta(events)
 
     def snapshot(self) -> dict[str, Any]:
-        """Cumulative counters: the connector's own (and attention capture's), per-tier counters, tier usage."""
-        with self._counters_lock:
-            counters = dict(self._counters)
-        if self.scores is not None:
-            counters.update(self.scores.counters())
-        return {"counters": counters, "tiers": self.stack.metrics.snapshot(), "usage": self.stack.usage()}
+        return self.counters.snapshot()
 
     def stats_data(self) -> dict[str, Any] | None:
-        """What changed since the last call, flat (``<tier>.<counter>`` for tier counters), or None."""
-        snap = self.snapshot()
-        self._maybe_log(snap)
-        now = dict(snap["counters"])
-        for tier, counters in snap["tiers"].items():
-            for name, value in counters.items():
-                now[f"{tier}.{name}"] = value
-        delta = stats_delta(now, self._reported)
-        self._reported = now
-        return delta or None
+        return self.counters.delta()
 
-    def _maybe_log(self, snap: dict[str, Any]) -> None:
-        """One INFO line every ``metrics.log_interval_s`` (0 = never): what was loaded and saved, tier use."""
-        interval = self.cfg.metrics.log_interval_s
-        now = time.monotonic()
-        if interval <= 0 or now - self._last_log < interval:
-            return
-        self._last_log = now
-        c = snap["counters"]
-        tiers = ", ".join(f"{name} {format_size(u['used_bytes'])}/{format_size(u['capacity'])} ({u['blocks']} blocks)"
-                          for name, u in snap["usage"].items())
-        log.info("kvtier: loaded %d blocks (%d failed), saved %d (%d failed); %s", c.get("loaded_blocks", 0),
-                 c.get("load_failed_blocks", 0), c.get("saved_blocks", 0), c.get("save_failed_blocks", 0), tiers)
-
-    def drain(self, timeout: float | None = None) -> None:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        for fut in list(self._saves) + list(self._async_loads.values()):
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            try:
-                fut.result(timeout=remaining)
-            except Exception as exc:
-                log.warning("kvtier: transfer did not finish cleanly: %s", exc)
-        self._saves = []
+    def drain(self, timeout: float | None = None) -> bool:
+        """Wait for queued saves and promotions; False when ``timeout`` ran out first."""
+        return self.saves.drain(timeout)
 
     def shutdown(self) -> None:
-        self.drain(self.cfg.connector.save_timeout_s)
-        self.pool.shutdown(wait=True)
-        self.load_pool.shutdown(wait=True)
+        """Returns within ``connector.save_timeout_s`` (plus the async loads' own load timeouts): saves still
+        queued then are cancelled, not waited for."""
+        cancelled = self.saves.close(self.cfg.connector.save_timeout_s)
+        if cancelled:
+            log.warning("kvtier: shutdown cancelled %d queued saves after %.0f s", cancelled,
+                        self.cfg.connector.save_timeout_s)
+        self.load_pool.shutdown(wait=False, cancel_futures=True)
         self.stack.close()

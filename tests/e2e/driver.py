@@ -67,6 +67,9 @@ def main() -> None:
             time.sleep(spec.get("settle_s", 0.3))  # let async saves land
             if spec.get("reset", True):
                 llm.reset_prefix_cache()
+            if spec.get("prime_blocks"):  # vLLM itself holds exactly these leading blocks before the repeat
+                llm.generate([TokensPrompt(prompt_token_ids=prompt[:spec["prime_blocks"] * 128 + 1])],
+                             SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)
             again = llm.generate([TokensPrompt(prompt_token_ids=prompt)], sampling, use_tqdm=False)[0]
             result["turns"][-1]["repeat_cached"] = again.num_cached_tokens
             result["turns"][-1]["repeat_output"] = list(again.outputs[0].token_ids)

@@ -11,9 +11,11 @@ from pathlib import Path
 DRIVER = Path(__file__).with_name("driver.py")
 
 
-def run_driver(spec: dict, hash_seed: str = "0", timeout: int = 900) -> dict:
-    env = dict(os.environ, PYTHONHASHSEED=hash_seed, VLLM_CPU_OMP_THREADS_BIND="0-1", VLLM_CPU_KVCACHE_SPACE="1")
-    proc = subprocess.run([sys.executable, str(DRIVER), json.dumps(spec)], env=env, capture_output=True,
+def run_driver(spec: dict, hash_seed: str = "0", timeout: int = 900, driver: Path = DRIVER) -> dict:
+    tests = str(Path(__file__).resolve().parent.parent)  # plug-in tiers for tests live there (plugin_kinds.py)
+    env = dict(os.environ, PYTHONHASHSEED=hash_seed, VLLM_CPU_OMP_THREADS_BIND="0-1", VLLM_CPU_KVCACHE_SPACE="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, str(driver), json.dumps(spec)], env=env, capture_output=True,
                           text=True, timeout=timeout)
     for line in proc.stdout.splitlines():
         if line.startswith("E2E-RESULT "):
