@@ -34,16 +34,16 @@ class _ReqState:
 
 
 class SchedulerSide:
-    def __init__(self, cfg: KVTierConfig, fingerprint: ModelFingerprint, block_size: int) -> None:
+    def __init__(self, cfg: KVTierConfig, fingerprint: ModelFingerprint, block_size: int, world: int = 1) -> None:
         self.cfg = cfg
         self.fingerprint = fingerprint
         self.block_size = block_size
         # What vLLM's hit-source metrics call each tier ("host", "disk", "external"), declared by its class.
         self.tier_sources = {t.name: TIERS.resolve(t.kind, f"tiers[{i}].kind").hit_source
                              for i, t in enumerate(cfg.tiers)}
-        self.index = PlacementIndex()  # key -> tier that holds it (as last reported)
+        self.index = PlacementIndex(world)  # shard key -> tier that holds it (as last reported)
         self.epoch = 0  # reset_cache epochs: part of every new request's keys
-        self.pending_saves: set[bytes] = set()
+        self.pending_saves: set[bytes] = set()  # shard keys planned for saving, not reported yet
         self._reqs: dict[str, _ReqState] = {}
         self._loads: list[LoadSpec] = []
         self._clear_next = False
@@ -75,7 +75,7 @@ class SchedulerSide:
         keys = state.chain.extend(list(request.all_token_ids[:max_blocks * self.block_size]))
         hit = 0
         for key in keys[:max_blocks]:
-            if key not in self.index:
+            if self.index.holder(key) is None:
                 break
             hit += 1
         first = num_computed_tokens // self.block_size
@@ -96,7 +96,7 @@ class SchedulerSide:
         keys = state.chain.keys[first:end]
         state.hit_tiers = {}
         for key in keys:
-            tier = self.index.tier_of(key) or "?"
+            tier = self.index.holder(key) or "?"
             state.hit_tiers[tier] = state.hit_tiers.get(tier, 0) + self.block_size
         self._loads.append(LoadSpec(request.request_id, list(keys), block_ids[first:end],
                                     self.cfg.connector.async_load))
@@ -143,9 +143,10 @@ class SchedulerSide:
         keys = state.chain.extend(list(request.all_token_ids[:full * self.block_size]))
         for b in range(state.next_save_block, full):
             key = keys[b]
-            if key in self.index or key in self.pending_saves:
+            shards = self.index.shard_keys(key)
+            if self.index.holder(key) is not None or any(shard in self.pending_saves for shard in shards):
                 continue
-            self.pending_saves.add(key)
+            self.pending_saves.update(shards)
             meta.saves.append((key, state.block_ids[b]))
             if b == 0:  # sink and prefix links, for attention-aware policies
                 meta.sinks.append(key)

@@ -27,6 +27,7 @@ from kvtier.connector.counters import Counters
 from kvtier.connector.metadata import KVTierMetadata, KVTierWorkerMeta, LoadSpec
 from kvtier.connector.placement import StartupPlacement
 from kvtier.connector.savequeue import SaveQueue
+from kvtier.keys import rank_key
 from kvtier.tiers.stack import TierStack
 from kvtier.transfer import KVLayout
 
@@ -37,9 +38,10 @@ log = logging.getLogger("kvtier.worker")
 
 
 class WorkerSide:
-    def __init__(self, cfg: KVTierConfig, num_blocks: int | None = None) -> None:
+    def __init__(self, cfg: KVTierConfig, num_blocks: int | None = None, rank: int = 0, world: int = 1) -> None:
         self.cfg = cfg
         self.num_blocks = num_blocks
+        self.rank, self.world = rank, world  # this worker stores its shard of each block under rank_key(key)
         self._events: list[tuple[bytes, str | None]] = []
         self._events_lock = threading.Lock()
         threads = cfg.connector.transfer_threads
@@ -92,8 +94,22 @@ class WorkerSide:
             log.exception("kvtier: attention capture could not start; policies rank by hit counts only")
             self.scores = None
 
+    def local(self, meta: KVTierMetadata) -> KVTierMetadata:
+        """The step's plan in this rank's shard keys (the scheduler plans whole blocks)."""
+        if self.world == 1:
+            return meta
+
+        def shard(key: bytes) -> bytes:
+            return rank_key(key, self.rank, self.world)
+
+        return KVTierMetadata(
+            loads=[LoadSpec(s.req_id, [shard(k) for k in s.keys], s.block_ids, s.is_async) for s in meta.loads],
+            saves=[(shard(k), b) for k, b in meta.saves], clear_store=meta.clear_store,
+            sinks=[shard(k) for k in meta.sinks], links=[(shard(c), shard(p)) for c, p in meta.links])
+
     # ---- loads -------------------------------------------------------------------------------------
     def start_load_kv(self, meta: KVTierMetadata) -> None:
+        meta = self.local(meta)
         if meta.clear_store:
             self.stack.clear()  # forgets at once; local storage is freed in the background
         if self.scores is not None:
@@ -144,6 +160,7 @@ class WorkerSide:
 
     # ---- saves -------------------------------------------------------------------------------------
     def wait_for_save(self, meta: KVTierMetadata) -> None:
+        meta = self.local(meta)
         if not meta.saves or self.layout is None:
             if self.scores is not None:
                 self.scores.on_step_end(meta.saves, meta.sinks, meta.links, None)

@@ -49,7 +49,7 @@ def main() -> None:
             kv_connector="KVTierConnector", kv_role="kv_both", kv_connector_extra_config=spec["kvtier"])
     start = time.perf_counter()
     llm = LLM(model=spec["model"], dtype="bfloat16", max_model_len=4096, enforce_eager=True, seed=0,
-              block_size=128, **kwargs)
+              block_size=128, tensor_parallel_size=spec.get("tensor_parallel_size", 1), **kwargs)
     result: dict = {"startup_s": time.perf_counter() - start, "turns": []}
     sampling = SamplingParams(temperature=0, max_tokens=spec.get("max_tokens", 24), ignore_eos=True)
     system, questions = conversation(spec.get("seed", 0), spec.get("turns", 4), spec.get("system_len", 300),

@@ -13,7 +13,10 @@ DRIVER = Path(__file__).with_name("driver.py")
 
 def run_driver(spec: dict, hash_seed: str = "0", timeout: int = 900, driver: Path = DRIVER) -> dict:
     tests = str(Path(__file__).resolve().parent.parent)  # plug-in tiers for tests live there (plugin_kinds.py)
-    env = dict(os.environ, PYTHONHASHSEED=hash_seed, VLLM_CPU_OMP_THREADS_BIND="0-1", VLLM_CPU_KVCACHE_SPACE="1",
+    # Tensor parallel ranks get one core each ('|' separates the ranks' cores).
+    ranks = spec.get("tensor_parallel_size", 1)
+    binding = "|".join(str(r % 2) for r in range(ranks)) if ranks > 1 else "0-1"
+    env = dict(os.environ, PYTHONHASHSEED=hash_seed, VLLM_CPU_OMP_THREADS_BIND=binding, VLLM_CPU_KVCACHE_SPACE="1",
                PYTHONPATH=os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")])))
     proc = subprocess.run([sys.executable, str(driver), json.dumps(spec)], env=env, capture_output=True,
                           text=True, timeout=timeout)
