@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import tracemalloc
 
 import numpy as np
 import pytest
+import zstandard
 
 from kvtier.codecs import ALL_DECODERS, BlockCodec, Lz4Codec, NoneCodec, ZstdCodec, decode_record, encode_record
 from kvtier.codecs.shuffle import shuffle16, unshuffle16
@@ -81,3 +83,32 @@ def test_truncated_wrong_key_and_garbage_are_misses() -> None:
 def test_zstd_level_is_validated() -> None:
     with pytest.raises(CodecError, match="level"):
         ZstdCodec(0)
+
+
+def zstd_bomb(size: int, with_size: bool = True) -> bytes:
+    """A ~1 KB ZSTD frame that inflates to ``size`` zero bytes (declaring that size in its header or not)."""
+    return zstandard.ZstdCompressor(level=1, write_content_size=with_size).compress(bytes(size))
+
+
+def peak_bytes_while(fn) -> int:
+    tracemalloc.start()
+    try:
+        fn()
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return peak
+
+
+@pytest.mark.parametrize("with_size", [True, False], ids=["declared", "undeclared"])
+def test_zstd_decode_allocates_no_more_than_raw_size(with_size: bool) -> None:
+    """zstandard's decompress() sizes its output by the frame header, not by max_output_size: a forged
+    header must be refused before anything that size is allocated."""
+    bomb = zstd_bomb(64 << 20, with_size)
+    assert len(bomb) < 64 << 10
+
+    def decode() -> None:
+        with pytest.raises(CodecError):
+            ZstdCodec().decode(bomb, 4096)
+
+    assert peak_bytes_while(decode) < 1 << 20

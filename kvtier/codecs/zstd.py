@@ -36,6 +36,12 @@ class ZstdCodec(Codec):
 
     def decode(self, payload: bytes | memoryview, raw_size: int) -> bytes:
         try:
+            # decompress() sizes its output by the size a frame declares and ignores max_output_size then:
+            # a forged header could make it allocate far more than raw_size. Only frames of raw_size (or of
+            # unknown size, bounded by max_output_size) are decoded.
+            declared = zstandard.frame_content_size(payload)
+            if declared not in (raw_size, zstandard.CONTENTSIZE_UNKNOWN):
+                raise CodecError(f"zstd: frame declares {declared} bytes, expected {raw_size}")
             out = self._pair()[1].decompress(payload, max_output_size=raw_size)
         except zstandard.ZstdError as exc:
             raise CodecError(f"zstd: {exc}") from exc
