@@ -10,11 +10,12 @@ import pytest
 import zstandard
 
 from kvtier.codecs import ALL_DECODERS, BlockCodec, Lz4Codec, NoneCodec, ZstdCodec, decode_record, encode_record
-from kvtier.codecs.shuffle import shuffle16, unshuffle16
+from kvtier.codecs.shuffle import merge16, shuffle16, split16, unshuffle16
 from kvtier.config import CodecConfig
 from kvtier.errors import CodecError, CorruptBlockError
 
 CODECS = [NoneCodec(), Lz4Codec(), ZstdCodec(1), ZstdCodec(9)]
+SIZES = [0, 1, 2, 3, 5, 127, 128, 129, 4095, 4096, 4097, 65537]
 KEY = bytes(range(16))
 
 
@@ -40,6 +41,24 @@ def test_codec_rejects_wrong_size(codec) -> None:
 @pytest.mark.parametrize("data", [b"", b"abc", kv_like(1001) + b"z"])
 def test_shuffle_roundtrip(data: bytes) -> None:
     assert unshuffle16(shuffle16(data)) == data
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_split_and_shuffle_are_the_byte_planes(n: int) -> None:
+    data = os.urandom(n)
+    even = n - n % 2
+    low, high, tail = split16(data)
+    assert (low.tobytes(), high.tobytes(), tail.tobytes()) == (data[0:even:2], data[1:even:2], data[even:])
+    assert bytes(shuffle16(data)) == data[0:even:2] + data[1:even:2] + data[even:]  # the on-storage format
+    assert bytes(merge16(low, high, tail)) == data
+    assert unshuffle16(memoryview(bytearray(shuffle16(data)))) == data
+
+
+def test_merge_rejects_planes_that_do_not_pair() -> None:
+    with pytest.raises(ValueError):
+        merge16(b"ab", b"abc", b"")
+    with pytest.raises(ValueError):
+        merge16(b"ab", b"ab", b"xy")
 
 
 def test_shuffle_helps_on_kv_like_data() -> None:
