@@ -1,7 +1,7 @@
 """PlanesCodec: ZSTD on the high-byte plane of 16-bit KV values, the low-byte plane stored as it is.
 
 A bf16 value is 1 sign bit, 8 exponent bits and 7 mantissa bits. Its high byte (sign + 7 exponent bits) takes
-few distinct values across a KV block and entropy-codes to about 3 bits; its low byte (1 exponent bit + 7
+few distinct values across a KV block and codes to 2-3 bits; its low byte (1 exponent bit + 7
 mantissa bits) is close to random, so compressing it costs most of a codec's time and saves a few percent.
 This codec splits the record into the two byte planes (kvtier.codecs.shuffle.split16), compresses only the
 high plane with ZSTD and merges the planes back with whole-array arithmetic.
@@ -9,7 +9,7 @@ high plane with ZSTD and merges the planes back with whole-array arithmetic.
 The ZSTD settings are fixed, from measurements on KV of a trained and a random-weight model
 (benchmarks/results/codecs.md): level 1 with a 2**10-entry match table. Smaller tables find fewer spurious
 short matches in this plane, so they compress it as well or better and encode and decode faster; higher
-levels compressed it worse up to level 15 and ~1% better at 19, at ~100x the encode time. So a tier's
+levels compressed it worse up to level 15 and at most ~1% better at 19, at over 100x the encode time. So a tier's
 ``codec.level`` is ignored (as for lz4), and the constructor's arguments exist for the benchmark's sweep.
 
 Payload (little-endian): mode u8 (0: high plane raw, 1: a ZSTD frame) | high-plane length u32 | high plane |
@@ -21,8 +21,6 @@ The plane split is the codec's own: the record-level ``shuffle`` flag must stay 
 from __future__ import annotations
 
 import struct
-
-import numpy as np
 
 from kvtier.codecs.base import Codec
 from kvtier.codecs.shuffle import merge16, split16
@@ -64,4 +62,4 @@ class PlanesCodec(Codec):
             high = body
         else:
             raise CodecError(f"planes: bad mode {mode} with a high plane of {body_size} bytes")
-        return merge16(view[body_end:body_end + half], np.frombuffer(high, np.uint8), view[body_end + half:])
+        return merge16(view[body_end:body_end + half], high, view[body_end + half:])

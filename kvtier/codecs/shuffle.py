@@ -4,8 +4,8 @@ bf16/fp16 KV values share their exponent bytes far more than their mantissa byte
 LZ4/ZSTD find that redundancy. An odd trailing byte stays in place. "Low" is the byte at the even offset (the
 little-endian layout vLLM's tensors have on x86 and ARM hosts), whatever the host's own byte order.
 
-The split and merge are whole-array integer arithmetic on a little-endian uint16 view (one shift and one cast
-or or), not strided byte copies: several GB/s per core, so the planes cost little next to the coder.
+The split (a cast and a shift) and the merge (a shift and an or) are whole-array integer arithmetic on a
+little-endian uint16 view, not strided byte copies: several GB/s per core, little next to any coder.
 """
 
 from __future__ import annotations
