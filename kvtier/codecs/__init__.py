@@ -26,8 +26,8 @@ if TYPE_CHECKING:
     from kvtier.config import CodecConfig
 
 __all__ = ["Codec", "BlockCodec", "Lz4Codec", "NoneCodec", "PlanesCodec", "ZstdCodec", "HEADER_SIZE", "RecordHeader",
-           "make_codec", "decode_record", "encode_record", "max_record_size", "parse_header", "read_header", "ALL_DECODERS",
-           "codec_name"]
+           "make_codec", "decode_record", "encode_record", "max_record_size", "parse_header", "read_header",
+           "ALL_DECODERS", "codec_name"]
 
 # The built-in codecs can decode any record they wrote, whatever the tier's current settings.
 ALL_DECODERS: dict[int, Codec] = {c.codec_id: c for c in (NoneCodec(), Lz4Codec(), ZstdCodec(), PlanesCodec())}
