@@ -9,8 +9,9 @@ pass and arranges its KV in that layout (no vLLM needed). Capture runs in a chil
 threads and settings never touch the measuring one.
 
 Each setting runs the full record path (shuffle, codec, checksum, header; decode verifies everything), one
-thread. Per core = raw bytes / the thread's CPU time (time.thread_time), so other load on a shared machine
-slows the wall clock but not the figure; wall-clock GB/s are in the JSON. Each rep codes every block enough
+thread. Per core = raw bytes / the thread's CPU time (time.thread_time), so time the thread waits for a core
+on a shared machine does not count (contention for caches and memory still does; the report records the
+load average); wall-clock GB/s are in the JSON. Each rep codes every block enough
 times to pass ``--rep-mib`` MiB; settings are interleaved within each rep; tables give the median over reps
 and [min, max]. Each coded block is dropped before the next; the minor page faults of the timed decodes are
 recorded (fresh pages cost ~2 us each on a VM, which would measure the allocator rather than the codec).
