@@ -158,7 +158,7 @@ class RedisPrefixIndex:
 class RedisTier(SharedTier):
     kind = "redis"
     Options = RedisOptions
-    default_codec = "lz4"
+    default_codec = "planes"
 
     def __init__(self, name: str, capacity: int, codec: BlockCodec, policy: EvictionPolicy,
                  options: RedisOptions) -> None:
