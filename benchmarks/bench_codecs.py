@@ -249,6 +249,16 @@ def summary(values: list[float]) -> dict[str, float | list[float]]:
     return {"median": float(np.median(values)), "min": min(values), "max": max(values), "runs": values}
 
 
+def plane_split_gbps(blocks: list[bytes], passes: int = 20) -> dict[str, float]:
+    """GB/s per core of the byte-plane shuffle and unshuffle (kvtier.codecs.shuffle) alone."""
+    from kvtier.codecs.shuffle import shuffle16, unshuffle16
+
+    shuffled = [bytes(shuffle16(b)) for b in blocks]
+    total = sum(map(len, blocks)) * passes
+    return {"shuffle_GBps": total / timed(shuffle16, blocks, passes)[0] / 1e9,
+            "unshuffle_GBps": total / timed(unshuffle16, shuffled, passes)[0] / 1e9}
+
+
 def memcpy_gbps(blocks: list[bytes], passes: int = 20) -> float:
     arrays = [np.frombuffer(b, dtype=np.uint8) for b in blocks]
     cpu = timed(lambda a: a.copy(), arrays, passes)[0]
@@ -284,6 +294,7 @@ def main() -> int:
             print(f"{model}: {meta['blocks']} blocks of {meta['block_bytes']} bytes ({args.source})", flush=True)
             rows = measure(blocks, settings(not args.no_sweep), args.reps, args.rep_mib)
             results["models"][model] = {**meta, "source": args.source, "memcpy_GBps": memcpy_gbps(blocks),
+                                        "planes_split": plane_split_gbps(blocks),
                                         "zstd_threads": zstd_threads_check(blocks), "settings": rows}
     results["machine_after"] = {k: v for k, v in machine_info().items() if k in MACHINE_KEYS}
     print(write_reports(results, Path(args.out_dir)))

@@ -58,8 +58,10 @@ def model_table(model: str, data: dict[str, Any], goal: dict[str, float]) -> lis
         lines.append(f"| {name} | {row['ratio']:.3f} | {cell(row['encode_GBps'])} | {cell(row['decode_GBps'])} | "
                      f"{meets(row, goal)} | {row['note']} |")
     faults = max(row["decode_faults_per_MiB"]["max"] for row in data["settings"].values())
-    mt = data["zstd_threads"]
-    lines += ["", f"Minor page faults during timed decodes: at most {faults:.1f} per MiB. zstd worker threads on one "
+    mt, split = data["zstd_threads"], data["planes_split"]
+    lines += ["", f"Byte-plane shuffle {split['shuffle_GBps']:.1f} GB/s, unshuffle {split['unshuffle_GBps']:.1f} GB/s "
+              f"per core. Minor page faults during timed decodes: at most {faults:.1f} per MiB. "
+              "zstd worker threads on one "
               f"{mt['record_MiB']:g} MiB record's high plane (level 1, hash_log 10): {mt['threads_0_ms']:.2f} ms wall "
               f"without, {mt['threads_2_ms']:.2f} ms with 2 threads."]
     return lines + [""]

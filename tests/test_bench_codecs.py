@@ -10,7 +10,15 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from bench_codecs import GOAL_DECODE_GBPS, GOAL_RATIO, measure, memcpy_gbps, settings, zstd_threads_check  # noqa: E402
+from bench_codecs import (  # noqa: E402
+    GOAL_DECODE_GBPS,
+    GOAL_RATIO,
+    measure,
+    memcpy_gbps,
+    plane_split_gbps,
+    settings,
+    zstd_threads_check,
+)
 from codecs_report import machine_info, write_reports  # noqa: E402
 
 
@@ -28,7 +36,7 @@ def test_measure_and_report(tmp_path: Path) -> None:
     results = {"command": "python bench_codecs.py", "args": {}, "machine_before": machine_info(),
                "machine_after": machine_info(), "goal": {"ratio": GOAL_RATIO, "decode_GBps": GOAL_DECODE_GBPS},
                "models": {"synthetic": {"blocks": 4, "block_bytes": len(data[0]), "tokens": 0, "source": "test",
-                                        "memcpy_GBps": memcpy_gbps(data, 2),
+                                        "memcpy_GBps": memcpy_gbps(data, 2), "planes_split": plane_split_gbps(data, 2),
                                         "zstd_threads": zstd_threads_check(data, 1), "settings": rows}}}
     write_reports(results, tmp_path)
     saved = json.loads((tmp_path / "codecs.json").read_text())
