@@ -1,15 +1,15 @@
 """PlanesCodec: ZSTD on the high-byte plane of 16-bit KV values, the low-byte plane stored as it is.
 
 A bf16 value is 1 sign bit, 8 exponent bits and 7 mantissa bits. Its high byte (sign + 7 exponent bits) takes
-few distinct values across a KV block and codes to 2-3 bits; its low byte (1 exponent bit + 7
-mantissa bits) is close to random, so compressing it costs most of a codec's time and saves a few percent.
+few distinct values across a KV block and codes to 2-3 bits; its low byte (1 exponent bit + 7 mantissa bits)
+is close to random: compressing it takes most of a codec's time and adds about 1% to the ratio.
 This codec splits the record into the two byte planes (kvtier.codecs.shuffle.split16), compresses only the
 high plane with ZSTD and merges the planes back with whole-array arithmetic.
 
 The ZSTD settings are fixed, from measurements on KV of a trained and a random-weight model
-(benchmarks/results/codecs.md): level 1 with a 2**10-entry match table. Smaller tables find fewer spurious
-short matches in this plane, so they compress it as well or better and encode and decode faster; higher
-levels compressed it worse up to level 15 and at most ~1% better at 19, at over 100x the encode time. So a tier's
+(benchmarks/results/codecs.md): level 1 with a 2**10-entry match table. A small table finds fewer spurious
+short matches in this plane, so it compresses as well or better and encodes and decodes faster than the level's
+default table; levels 3 and 9 compressed the plane no better and encoded 2-12x slower. So a tier's
 ``codec.level`` is ignored (as for lz4), and the constructor's arguments exist for the benchmark's sweep.
 
 Payload (little-endian): mode u8 (0: high plane raw, 1: a ZSTD frame) | high-plane length u32 | high plane |

@@ -26,7 +26,8 @@ class ZstdCodec(Codec):
         if isinstance(level, bool) or not isinstance(level, int) or not 1 <= level <= 22:
             raise CodecError(f"zstd: level must be 1..22, got {level}")
         if hash_log is not None and not zstandard.HASHLOG_MIN <= hash_log <= zstandard.HASHLOG_MAX:
-            raise CodecError(f"zstd: hash_log must be {zstandard.HASHLOG_MIN}..{zstandard.HASHLOG_MAX}, got {hash_log}")
+            raise CodecError(f"zstd: hash_log must be {zstandard.HASHLOG_MIN}..{zstandard.HASHLOG_MAX}, "
+                             f"got {hash_log}")
         self.level = level
         self.hash_log = hash_log
         self._local = threading.local()
