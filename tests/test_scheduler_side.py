@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from types import SimpleNamespace
 
 from kvtier.config import KVTierConfig
@@ -191,5 +192,10 @@ def test_pipeline_parallelism_is_refused_naming_the_setting() -> None:
                                 kv_connector_extra_config={"tiers": [{"kind": "dram", "capacity": "1MiB"}]})
     cfg = EngineArgs(model=build_model("tiny"), dtype="bfloat16", max_model_len=1024, enforce_eager=True,
                      pipeline_parallel_size=2, kv_transfer_config=transfer).create_engine_config()
-    with pytest.raises(ConfigError, match="pipeline_parallel_size=2 is not supported"):
-        KVTierConnector(cfg, KVConnectorRole.SCHEDULER)
+    logger = logging.getLogger("kvtier")
+    handlers, propagate = list(logger.handlers), logger.propagate
+    try:
+        with pytest.raises(ConfigError, match="pipeline_parallel_size=2 is not supported"):
+            KVTierConnector(cfg, KVConnectorRole.SCHEDULER)
+    finally:  # the connector sets up kvtier's own log handler; later tests read records through caplog
+        logger.handlers[:], logger.propagate = handlers, propagate
