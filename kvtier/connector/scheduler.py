@@ -14,6 +14,7 @@ from kvtier.connector.metadata import KVTierMetadata, KVTierWorkerMeta, LoadSpec
 from kvtier.connector.placement import PlacementIndex, StartupPlacement
 from kvtier.keys import KeyChain, ModelFingerprint
 from kvtier.plugins import TIERS
+from kvtier.sharing import SharedPlacement
 
 if TYPE_CHECKING:
     from vllm.v1.core.sched.output import SchedulerOutput
@@ -31,6 +32,7 @@ class _ReqState:
     next_save_block: int = 0
     hit_tiers: dict[str, int] = field(default_factory=dict)
     saves_planned: int = 0
+    asked_shared: int = 0  # blocks already looked up in the shared index (asked once per request and length)
 
 
 class SchedulerSide:
@@ -47,6 +49,15 @@ class SchedulerSide:
         self._reqs: dict[str, _ReqState] = {}
         self._loads: list[LoadSpec] = []
         self._clear_next = False
+        self.shared = self._shared_index(cfg)
+
+    @staticmethod
+    def _shared_index(cfg: KVTierConfig) -> SharedPlacement | None:
+        """The live placement index of the shared tiers, when one is configured (kvtier/sharing.py)."""
+        shared = [t.name for i, t in enumerate(cfg.tiers) if TIERS.resolve(t.kind, f"tiers[{i}].kind").shared]
+        if not cfg.placement_index.url or not shared:
+            return None
+        return SharedPlacement(cfg.placement_index, shared)
 
     def learn_startup(self, reports: Iterable[StartupPlacement]) -> None:
         """What the workers' persistent tiers held at start-up (vLLM's handshake channel)."""
@@ -78,11 +89,27 @@ class SchedulerSide:
             if self.index.holder(key) is None:
                 break
             hit += 1
+        if hit < max_blocks and self.shared is not None and state.asked_shared < max_blocks:
+            hit = self._ask_shared(keys[hit:max_blocks], hit)  # blocks other engines stored since we started
+            state.asked_shared = max_blocks
         first = num_computed_tokens // self.block_size
         if hit <= first or hit - first < self.cfg.connector.min_hit_blocks:
             return 0, False
         state.pending_load = (first, hit)
         return hit * self.block_size - num_computed_tokens, self.cfg.connector.async_load
+
+    def _ask_shared(self, keys: list[bytes], hit: int) -> int:
+        """One round trip to the shared index for every rank's shard of ``keys``; what it lists goes into the
+        local index (as placement events) and extends the hit while every shard of a block is listed."""
+        assert self.shared is not None
+        shards = [shard for key in keys for shard in self.index.shard_keys(key)]
+        found = self.shared.lookup(shards)
+        self.index.apply(found.items())
+        for key in keys:
+            if self.index.holder(key) is None:
+                break
+            hit += 1
+        return hit
 
     def update_state_after_alloc(self, request: Request, blocks: Any, num_external_tokens: int) -> None:
         state = self._state(request)
@@ -170,6 +197,12 @@ class SchedulerSide:
                 "prompt_tokens": request.num_prompt_tokens, "output_tokens": request.num_output_tokens,
                 "hit_tokens_by_tier": state.hit_tiers, "blocks_saved": state.saves_planned,
                 "index_blocks": len(self.index)}))
+
+    def shutdown(self) -> None:
+        if self.shared is not None:
+            log.info("kvtier: placement index lookups %s, latency %s ms", self.shared.counters,
+                     self.shared.latency_ms())
+            self.shared.close()
 
     def reset_cache(self) -> bool:
         """Forget everything stored: a new key epoch makes all earlier blocks unreachable from this engine at

@@ -28,6 +28,7 @@ from kvtier.connector.metadata import KVTierMetadata, KVTierWorkerMeta, LoadSpec
 from kvtier.connector.placement import StartupPlacement
 from kvtier.connector.savequeue import SaveQueue
 from kvtier.keys import rank_key
+from kvtier.sharing import SharedPlacement
 from kvtier.tiers.stack import TierStack
 from kvtier.transfer import KVLayout
 
@@ -54,6 +55,7 @@ class WorkerSide:
         self.load_pool = ThreadPoolExecutor(threads, thread_name_prefix="kvtier-load")
         self._async_loads: dict[str, Future[set[int]]] = {}
         self._load_errors: set[int] = set()
+        self.placement = self._publish_placement(cfg)
         self.counters = Counters(self._tier_stats, cfg.metrics.log_interval_s)
         self.exporter = None
         if cfg.metrics.prometheus_port is not None:  # standalone /metrics on 127.0.0.1 (kvtier/prom.py)
@@ -61,8 +63,21 @@ class WorkerSide:
 
             self.exporter = start_exporter(cfg.metrics.prometheus_port, self.stack, self.counters.values)
 
+    def _publish_placement(self, cfg: KVTierConfig) -> SharedPlacement | None:
+        """With a placement index, every shared tier tells it what it gains and loses (kvtier/sharing.py)."""
+        shared = [t for t in self.stack.tiers if t.shared]
+        if not cfg.placement_index.url or not shared:
+            return None
+        placement = SharedPlacement(cfg.placement_index, [t.name for t in shared])
+        for tier in shared:
+            tier.listener = (lambda change, key, size, name=tier.name:  # type: ignore[attr-defined]
+                             placement.note(change, key, name, size))
+        return placement
+
     def _tier_stats(self) -> dict[str, Any]:
         extra = self.scores.counters() if self.scores is not None else {}
+        if self.placement is not None:
+            extra = {**extra, **{f"placement_index.{k}": v for k, v in self.placement.counters.items()}}
         return {"counters": extra, "tiers": self.stack.metrics.snapshot(), "usage": self.stack.usage()}
 
     def _background(self, job: Callable[[], None]) -> None:
@@ -236,4 +251,7 @@ class WorkerSide:
             log.warning("kvtier: shutdown cancelled %d queued saves after %.0f s", cancelled,
                         self.cfg.connector.save_timeout_s)
         self.load_pool.shutdown(wait=False, cancel_futures=True)
+        if self.placement is not None:
+            self.placement.flush(min(5.0, self.cfg.connector.save_timeout_s))
+            self.placement.close()
         self.stack.close()
