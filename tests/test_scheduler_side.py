@@ -199,3 +199,20 @@ def test_pipeline_parallelism_is_refused_naming_the_setting() -> None:
             KVTierConnector(cfg, KVConnectorRole.SCHEDULER)
     finally:  # the connector sets up kvtier's own log handler; later tests read records through caplog
         logger.handlers[:], logger.propagate = handlers, propagate
+
+
+def test_blocks_whose_saves_have_not_been_reported_yet_are_hits(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # A request ends at the step that planned its saves; the next request repeats it before any step could
+    # report the saves. Its blocks count as held in the top tier (the worker waits for the save to land).
+    s = side(tmp_path)
+    tokens = list(range(13))
+    keys = block_keys(FP, tokens, BS)
+    s.get_num_new_matched_tokens(request("a", tokens), 0)
+    new = SimpleNamespace(req_id="a", block_ids=([5, 6, 7, 8],), num_computed_tokens=0)
+    assert len(s.build_connector_meta(sched_output(new=[new], scheduled={"a": 13})).saves) == 3
+    again = request("b", tokens)
+    assert s.get_num_new_matched_tokens(again, 0) == (12, False)
+    s.update_state_after_alloc(again, blocks([1, 2, 3, 4]), 12)
+    assert s.hit_sources(again) == {"dram": 12}
+    s.update_connector_output(KVTierWorkerMeta([(keys[1], None)]))  # the save of block 1 failed
+    assert s.get_num_new_matched_tokens(request("c", tokens), 0) == (4, False)

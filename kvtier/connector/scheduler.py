@@ -86,7 +86,7 @@ class SchedulerSide:
         keys = state.chain.extend(list(request.all_token_ids[:max_blocks * self.block_size]))
         hit = 0
         for key in keys[:max_blocks]:
-            if self.index.holder(key) is None:
+            if self._where(key) is None:
                 break
             hit += 1
         if hit < max_blocks and self.shared is not None and state.asked_shared < max_blocks:
@@ -106,10 +106,19 @@ class SchedulerSide:
         found = self.shared.lookup(shards)
         self.index.apply(found.items())
         for key in keys:
-            if self.index.holder(key) is None:
+            if self._where(key) is None:
                 break
             hit += 1
         return hit
+
+    def _where(self, key: bytes) -> str | None:
+        """The tier that holds block ``key`` on every rank, or the top tier while its save is still landing
+        there (the worker waits for an unfinished save before loading): a request that repeats one that
+        just ended, with no step in between to report the saves, still hits."""
+        held = self.index.holder(key)
+        if held is None and all(shard in self.pending_saves for shard in self.index.shard_keys(key)):
+            return self.cfg.tiers[0].name
+        return held
 
     def update_state_after_alloc(self, request: Request, blocks: Any, num_external_tokens: int) -> None:
         state = self._state(request)
@@ -123,7 +132,7 @@ class SchedulerSide:
         keys = state.chain.keys[first:end]
         state.hit_tiers = {}
         for key in keys:
-            tier = self.index.holder(key) or "?"
+            tier = self._where(key) or "?"
             state.hit_tiers[tier] = state.hit_tiers.get(tier, 0) + self.block_size
         self._loads.append(LoadSpec(request.request_id, list(keys), block_ids[first:end],
                                     self.cfg.connector.async_load))

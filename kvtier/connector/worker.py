@@ -54,6 +54,8 @@ class WorkerSide:
         # Separate pools: a load (on the request's critical path) never queues behind background saves.
         self.load_pool = ThreadPoolExecutor(threads, thread_name_prefix="kvtier-load")
         self._async_loads: dict[str, Future[set[int]]] = {}
+        self._storing: dict[bytes, Future[Any]] = {}  # keys whose save is queued or running
+        self._storing_lock = threading.Lock()
         self._load_errors: set[int] = set()
         self.placement = self._publish_placement(cfg)
         self.counters = Counters(self._tier_stats, cfg.metrics.log_interval_s)
@@ -161,6 +163,7 @@ class WorkerSide:
             raise RuntimeError("register_kv_caches was not called")
         if len(spec.keys) != len(spec.block_ids):
             raise ValueError(f"{len(spec.keys)} keys for {len(spec.block_ids)} blocks")
+        self._await_saves(spec.keys)
         fetched = self.stack.get_many(spec.keys, self.load_pool.map if parallel else map)
         good = 0
         while good < len(fetched) and fetched[good] is not None and len(fetched[good][0]) == self.layout.block_bytes:
@@ -172,6 +175,31 @@ class WorkerSide:
                 arr[i] = np.frombuffer(fetched[i][0], dtype=np.uint8)  # type: ignore[index]
             self.layout.scatter(spec.block_ids[:good], host)
         return good, [found[1] for found in fetched[:good] if found is not None]
+
+    def _await_saves(self, keys: list[bytes], timeout_s: float = 2.0) -> None:
+        """A load may be planned for blocks whose save has not landed yet (the scheduler counts them as held
+        until told otherwise): wait for those saves, a bounded while (a block still missing then is a miss)."""
+        with self._storing_lock:
+            futures = {self._storing[k] for k in keys if k in self._storing}
+        deadline = time.monotonic() + timeout_s
+        for future in futures:
+            try:
+                future.exception(timeout=max(0.0, deadline - time.monotonic()))
+            except Exception:  # timed out or cancelled: the fetch decides
+                pass
+
+    def _track(self, keys: list[bytes], future: Future[Any]) -> None:
+        with self._storing_lock:
+            for key in keys:
+                self._storing[key] = future
+
+        def untrack(done: Future[Any]) -> None:
+            with self._storing_lock:
+                for key in keys:
+                    if self._storing.get(key) is done:
+                        del self._storing[key]
+
+        future.add_done_callback(untrack)
 
     # ---- saves -------------------------------------------------------------------------------------
     def wait_for_save(self, meta: KVTierMetadata) -> None:
@@ -192,6 +220,8 @@ class WorkerSide:
             future = self.saves.submit(lambda: self._store(keys, host), nbytes)
             if future is None:
                 self._drop_saves(keys)
+            else:
+                self._track(keys, future)
         if self.scores is not None:  # attention scores, sinks, links: applied once this store has landed
             self.scores.on_step_end(meta.saves, meta.sinks, meta.links, future)
 
