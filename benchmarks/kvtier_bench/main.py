@@ -3,6 +3,7 @@
     kvtier bench --preset small                    # the README's command: a few minutes on 2 CPU cores
     kvtier bench --preset large --policies lru,lfu,arc,attention
     kvtier bench --config configs/bench-example.yaml --out results/mine
+    kvtier bench --endpoint http://127.0.0.1:8000 --rounds 3   # against a running vLLM server
 
 Writes results.json, results.md, ttft_by_turn.png and hits_by_tier.png into the results directory
 (default results/<timestamp>/), plus one folder per configuration with its engine log.
@@ -24,6 +25,7 @@ from typing import Any
 
 from kvtier_bench import runner
 from kvtier_bench.configs import REFERENCE, RunConfig, build_configs, driver_spec
+from kvtier_bench.endpoint.cli import add_arguments as add_endpoint_arguments
 from kvtier_bench.report import markdown, plots
 from kvtier_bench.s3server import LocalS3, find_weed
 from kvtier_bench.settings import PRESETS, BenchSettings, load_settings
@@ -46,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="results directory (default results/<timestamp>)")
     p.add_argument("--keep-data", action="store_true", help="keep the disk tiers' block files")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_endpoint_arguments(p)
     return p
 
 
@@ -159,6 +162,10 @@ def execute(configs: list[RunConfig], settings: BenchSettings, specs: dict[str, 
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    if args.endpoint:
+        from kvtier_bench.endpoint.run import main_endpoint
+
+        return main_endpoint(args, argv)
     settings = load_settings(args.preset, args.config, _overrides(args))
     model_dir = resolve_model(settings.model)
     workload = generate(settings.workload, load_tokenizer(model_dir))
