@@ -34,7 +34,7 @@ from kvtier.errors import ConfigError
 API_KEY = "kvtier-endpoint-test-key-7f3a9c"
 BAD_KEY = "not-the-key-41d2"
 KEY_ENV = "KVTIER_ENDPOINT_TEST_KEY"
-SETTINGS = "preset: small\nworkload: {conversations: 2, turns: 2, answer_tokens: 32}\ntimeout_s: 300\n"
+SETTINGS = "preset: quick\nworkload: {conversations: 2, turns: 2, answer_tokens: 32}\ntimeout_s: 300\n"
 
 
 # ---- fast tests ------------------------------------------------------------------------------------------
@@ -125,7 +125,7 @@ def test_summary_without_kvtier_counters_says_so() -> None:
     bare = summarize_endpoint([_round(None, {})], 128)
     assert bare["cached_tokens"] is None and bare["hit_rate"] is None and bare["hit_tokens_by_tier"] == {}
     report = {"command": "kvtier bench --endpoint http://127.0.0.1:1", "machine": "m", "git": "g",
-              "settings": {"preset": "small", "rounds": 1, "workload": load_settings().to_dict()["workload"]},
+              "settings": {"preset": "small", "rounds": 1, "workload": load_settings("quick").to_dict()["workload"]},
               "workload": {"requests": 2},
               "endpoint": {"url": "http://127.0.0.1:1", "server_version": None, "model": "x", "max_model_len": None,
                            "block_size": 128, "block_size_source": "assumed", "reset": "not reset",
@@ -214,7 +214,7 @@ def test_with_a_wrong_key_the_server_refuses_and_nothing_runs(runs: dict) -> Non
 def test_every_request_completes_and_histories_grow_by_the_answers(runs: dict, server: tuple[str, str]) -> None:
     proc, data = runs["warm"]
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    workload = generate(load_settings(overrides={"workload": {"conversations": 2, "turns": 2}}).workload,
+    workload = generate(load_settings("quick", overrides={"workload": {"conversations": 2, "turns": 2}}).workload,
                         load_tokenizer(server[1]))
     row = data["results"][0]
     assert row["name"] == server[0] and row["status"] == "ok" and row["error"] is None
