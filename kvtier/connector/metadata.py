@@ -42,6 +42,12 @@ class KVTierMetadata(KVConnectorMetadata):
     # (attention sinks) and (child, parent) prefix links of the blocks saved this step.
     sinks: list[bytes] = field(default_factory=list)
     links: list[tuple[bytes, bytes]] = field(default_factory=list)
+    # Delayed block release (kvtier/connector/saving.py): the requests that own this step's saves, the requests
+    # whose blocks vLLM keeps until the worker reports them in finished_sending (request_finished returned
+    # True), and the requests preempted since the last step (their freed blocks may be rewritten this step).
+    save_reqs: list[str] = field(default_factory=list)
+    release_after_saves: list[str] = field(default_factory=list)
+    preempted: list[str] = field(default_factory=list)
 
 
 @dataclass
