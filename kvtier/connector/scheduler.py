@@ -31,6 +31,7 @@ class _ReqState:
     next_save_block: int = 0
     hit_tiers: dict[str, int] = field(default_factory=dict)
     saves_planned: int = 0
+    saving: bool = False  # saves planned since its blocks were allocated: delay their release (saving.py)
 
 
 class SchedulerSide:
@@ -47,6 +48,7 @@ class SchedulerSide:
         self._reqs: dict[str, _ReqState] = {}
         self._loads: list[LoadSpec] = []
         self._clear_next = False
+        self._releases: list[str] = []  # finished requests whose block release waits for their save copies
 
     def learn_startup(self, reports: Iterable[StartupPlacement]) -> None:
         """What the workers' persistent tiers held at start-up (vLLM's handshake channel)."""
@@ -86,6 +88,7 @@ class SchedulerSide:
 
     def update_state_after_alloc(self, request: Request, blocks: Any, num_external_tokens: int) -> None:
         state = self._state(request)
+        state.saving = False  # new blocks (first allocation, or after a preemption): no copy reads them yet
         if num_external_tokens == 0 or state.pending_load is None:
             state.pending_load = None
             return
@@ -108,9 +111,14 @@ class SchedulerSide:
 
     # ---- per-step plan -----------------------------------------------------------------------------
     def build_connector_meta(self, so: SchedulerOutput) -> KVTierMetadata:
-        meta = KVTierMetadata(loads=self._loads, clear_store=self._clear_next)
+        meta = KVTierMetadata(loads=self._loads, clear_store=self._clear_next, release_after_saves=self._releases,
+                              preempted=sorted(getattr(so, "preempted_req_ids", None) or ()))
         self._loads = []
         self._clear_next = False
+        self._releases = []
+        for req_id in meta.preempted:  # their blocks are freed; the worker fences the copies out of them
+            if req_id in self._reqs:
+                self._reqs[req_id].saving = False
         for new in so.scheduled_new_reqs:
             state = self._reqs.get(new.req_id)
             if state is None:
@@ -147,6 +155,9 @@ class SchedulerSide:
                 continue
             self.pending_saves.add(key)
             meta.saves.append((key, state.block_ids[b]))
+            if not meta.save_reqs or meta.save_reqs[-1] != request.request_id:
+                meta.save_reqs.append(request.request_id)  # the copies of this step read its blocks
+            state.saving = True
             if b == 0:  # sink and prefix links, for attention-aware policies
                 meta.sinks.append(key)
             else:
@@ -162,13 +173,18 @@ class SchedulerSide:
             self.pending_saves.discard(key)
         self.index.apply(worker_meta.events)
 
-    def request_finished(self, request: Request) -> None:
+    def request_finished(self, request: Request) -> bool:
+        """True when vLLM must keep the request's blocks until the worker reports it in finished_sending:
+        copies out of them may still be in flight (announced to the workers in the next step's metadata)."""
         state = self._reqs.pop(request.request_id, None)
+        if state is not None and state.saving:
+            self._releases.append(request.request_id)
         if state is not None and log.isEnabledFor(logging.DEBUG):
             log.debug("request %s: %s", request.request_id, json.dumps({
                 "prompt_tokens": request.num_prompt_tokens, "output_tokens": request.num_output_tokens,
                 "hit_tokens_by_tier": state.hit_tiers, "blocks_saved": state.saves_planned,
                 "index_blocks": len(self.index)}))
+        return state is not None and state.saving
 
     def reset_cache(self) -> bool:
         """Forget everything stored: a new key epoch makes all earlier blocks unreachable from this engine at
