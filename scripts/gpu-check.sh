@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check: kvtier's CUDA data path on one NVIDIA GPU, from a fresh clone, without vLLM and without network.
-# About 3 minutes on an H100/H200 (budget: under 8).
+# An estimated 2-4 minutes on an H100/H200 (budget: under 8; not yet run on a GPU).
 #
 #   bash scripts/gpu-check.sh [OUT_DIR]          # results in OUT_DIR (default gpu-check-results/)
 #
