@@ -81,9 +81,9 @@ def test_attention_that_frees_running_blocks_fences_every_copy_every_step() -> N
     worker.wait_for_save(KVTierMetadata(saves=saves(10, 2, block=4), save_reqs=["b"]))
     worker.handle_preemptions(KVTierMetadata())
     assert [f.guards for f in fences.made] == [2, 2]
-    fences.made[0].release()
-    worker.handle_preemptions(KVTierMetadata())
-    assert [f.guards for f in fences.made] == [2, 4]
+    worker.wait_for_save(KVTierMetadata(saves=saves(20, 2, block=8), save_reqs=["c"]))
+    worker.handle_preemptions(KVTierMetadata())  # each copy is fenced once: later work is ordered after it
+    assert [f.guards for f in fences.made] == [2, 2, 2]
     fences.release_all()
     worker.shutdown()
 

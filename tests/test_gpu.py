@@ -140,6 +140,8 @@ def test_no_device_or_pinned_memory_is_allocated_per_step(tmp_path: Path) -> Non
 def test_wait_for_save_returns_before_the_copy_and_release_waits_for_it(tmp_path: Path) -> None:
     caches = flash_caches(seed=6)
     side = worker(tmp_path, caches)
+    side.wait_for_save(KVTierMetadata(saves=[(b"w" * 16, 40)]))  # warm-up: kernels loaded
+    side.drain()
     expected = reference_rows(caches, list(range(8)))
     slow_compute_work()  # the forward still running on the device
     start = time.perf_counter()

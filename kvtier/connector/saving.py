@@ -45,6 +45,7 @@ class _Copy:
     keys: list[bytes]
     chunks: list[tuple[Slot, int]]
     stored: Future[None]
+    fenced: bool = False  # the compute stream and the loads already wait for it (later work is ordered after)
 
 
 class AsyncSaves:
@@ -146,9 +147,10 @@ class AsyncSaves:
         wanted = set(preempted)
         fenced = 0
         for copy in self._inflight:
-            if everything or not wanted.isdisjoint(copy.reqs):
+            if not copy.fenced and (everything or not wanted.isdisjoint(copy.reqs)):
                 self.copier.guard_compute(copy.fence)
                 self.copier.guard_loads(copy.fence)
+                copy.fenced = True
                 fenced += 1
         if fenced:
             self._counters.add(save_fences=fenced)
