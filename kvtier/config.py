@@ -20,7 +20,7 @@ from kvtier.envconf import apply_env_overrides
 from kvtier.errors import ConfigError
 from kvtier.plugins import TIERS
 from kvtier.policies import make_policy
-from kvtier.redact import redacted_dict
+from kvtier.redact import redacted_dict, redacted_repr
 from kvtier.schema import MAX_SIZE, bounded, build_dataclass, check_type, convert
 from kvtier.units import Size
 
@@ -91,6 +91,20 @@ class MetricsConfig:
     log_interval_s: float = bounded(10.0, 0.0)
 
 
+@dataclass(frozen=True, repr=False)
+class PlacementIndexConfig:
+    """A live index of the blocks on shared tiers, in Redis (kvtier/sharing.py); off while ``url`` is unset."""
+
+    __repr__ = redacted_repr
+
+    url: str | None = field(default=None, metadata={"url": True})
+    password: str | None = field(default=None, repr=False, metadata={"secret": True})
+    tls: bool = False
+    tls_ca_file: str | None = None
+    key_prefix: str = "kvtier"  # every engine sharing the tiers uses the same prefix and tier names
+    timeout_s: float = bounded(0.05, 0.001, 10.0)  # a lookup waits at most this, then counts as a miss
+
+
 @dataclass(frozen=True)
 class AuthConfig:
     """Keyed authentication of stored records (kvtier/codecs/record.py). The key itself is never part of the
@@ -110,6 +124,7 @@ class KVTierConfig:
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
+    placement_index: PlacementIndexConfig = field(default_factory=PlacementIndexConfig)
 
     @staticmethod
     def from_yaml(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> KVTierConfig:

@@ -69,6 +69,14 @@ def root_key(fingerprint: ModelFingerprint, cache_salt: str | None = None,
     return key
 
 
+def rank_key(key: BlockKey, rank: int, world: int) -> BlockKey:
+    """The key of one rank's shard of a block under tensor/pipeline parallelism (each rank stores its own
+    shard); the block's own key when a single rank holds the whole block."""
+    if world <= 1:
+        return key
+    return hashlib.blake2b(key + struct.pack("<II", rank, world), digest_size=KEY_SIZE, person=b"kvtier-rank").digest()
+
+
 def chain_key(parent: BlockKey, token_ids: Sequence[int], extra: bytes = b"") -> BlockKey:
     payload = struct.pack(f"<{len(token_ids)}q", *token_ids)
     if extra:

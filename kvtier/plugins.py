@@ -65,6 +65,7 @@ CODECS: Registry[Any] = Registry("codec", "kvtier.codecs.base:Codec", {
     "none": "kvtier.codecs.none:NoneCodec",
     "lz4": "kvtier.codecs.lz4:Lz4Codec",
     "zstd": "kvtier.codecs.zstd:ZstdCodec",
+    "planes": "kvtier.codecs.planes:PlanesCodec",
 })
 POLICIES: Registry[Any] = Registry("policy", "kvtier.policies.base:EvictionPolicy", {
     "lru": "kvtier.policies.lru:LRUPolicy",

@@ -60,6 +60,9 @@ def security_warnings(cfg: KVTierConfig, key: bytes | None) -> list[str]:
             out.append(f"tier {tier.name!r} ({tier.kind}) is shared but its records are not authenticated: anyone "
                        f"who can write to it can plant KV for any prefix (set auth.key_file or ${cfg.auth.key_env})")
         out.extend(f"tier {tier.name!r} ({tier.kind}): {note}" for note in cls.transport_warnings(tier.options))
+    if cfg.placement_index.url:
+        redis_tier = TIERS.resolve("redis", "kind")
+        out.extend(f"placement_index: {note}" for note in redis_tier.transport_warnings(cfg.placement_index))
     return out
 
 

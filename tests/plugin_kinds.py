@@ -74,6 +74,7 @@ class ZlibCodec(Codec):
 @dataclass(frozen=True)
 class PoisonOptions(DramOptions):
     poison_put: int = -1  # the n-th put (0-based) stores a forged record instead of the block
+    poison_rank: int = -1  # only on this tensor-parallel rank (-1: every rank)
 
 
 class PoisonDramTier(DramTier):
@@ -85,7 +86,7 @@ class PoisonDramTier(DramTier):
 
     def __init__(self, name: str, capacity: int, codec: object, policy: object, options: PoisonOptions) -> None:
         super().__init__(name, capacity, codec, policy, options)  # type: ignore[arg-type]
-        self.poison_put = options.poison_put
+        self.poison_put = options.poison_put if options.poison_rank in (-1, _tp_rank()) else -1
         self.puts = 0
 
     def _write(self, key: BlockKey, record: bytes) -> None:
@@ -94,3 +95,12 @@ class PoisonDramTier(DramTier):
             record = head + struct.pack("<II", zlib.crc32(head), 0) + bytes(64)
         self.puts += 1
         super()._write(key, record)
+
+
+def _tp_rank() -> int:
+    try:
+        from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+        return int(get_tensor_model_parallel_rank())
+    except Exception:  # no distributed state: a single rank
+        return 0

@@ -109,11 +109,15 @@ def test_runs_and_writes_table_and_plots(report: tuple[dict, Path, subprocess.Co
     data, out, proc = report
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     table = (out / "results.md").read_text()
-    assert "| config | TTFT p50 / p90 / p99 ms" in table and "| kvtier-dram |" in table
+    assert "| config | TTFT p50 ms per round: median (min–max) | TTFT p50 / p90 / p99 ms" in table
+    assert "| kvtier-dram |" in table and "TTFT vs reference" in table
     for png in ("ttft_by_turn.png", "hits_by_tier.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert data["plots"] == ["ttft_by_turn.png", "hits_by_tier.png"]
     assert data["settings"]["workload"]["conversations"] == 2 and data["workload"]["requests"] == 4
+    [comparison] = data["comparisons"]  # kvtier-dram against the reference, with a bootstrap interval
+    ttft = comparison["ratios"]["reference"]["ttft"]
+    assert comparison["name"] == "kvtier-dram" and ttft["ci95"][0] <= ttft["ratio"] <= ttft["ci95"][1]
 
 
 @pytest.mark.e2e

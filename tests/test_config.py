@@ -22,7 +22,7 @@ def test_sizes_and_defaults() -> None:
                                             {"kind": "disk", "capacity": "1.5GiB", "path": "/x"}]}, env={})
     assert cfg.tiers[0].capacity == 64 * 2**20
     assert cfg.tiers[1].capacity == int(1.5 * 2**30)
-    assert cfg.tiers[1].codec.name == "lz4"  # disk default
+    assert cfg.tiers[1].codec.name == "planes"  # disk default (benchmarks/results/codecs.md)
     assert isinstance(cfg.tiers[1].options, DiskOptions) and cfg.tiers[1].options.path == "/x"
     assert cfg.tiers[0].name == "dram"
 

@@ -252,3 +252,20 @@ def test_redis_server_fixture_password_is_not_in_errors(tmp_path: Path) -> None:
     finally:
         server.stop()
     os.environ.pop("KVTIER_AUTH_KEY", None)
+
+
+def test_a_load_waits_for_the_save_of_the_same_blocks_still_in_flight(tmp_path: Path) -> None:
+    side = worker_over([{"kind": "dram", "capacity": "4MiB"}])
+    release = __import__("threading").Event()
+    real_put_many = side.stack.put_many
+    side.stack.put_many = lambda items: (release.wait(5), real_put_many(items))[1]  # type: ignore[method-assign]
+    keys = [key(i) for i in range(3)]
+    side.wait_for_save(KVTierMetadata(saves=[(k, i + 1) for i, k in enumerate(keys)]))
+    __import__("threading").Timer(0.3, release.set).start()
+    start = time.perf_counter()
+    side.start_load_kv(KVTierMetadata(loads=[LoadSpec("r", keys, [20, 21, 22])]))
+    assert side.take_load_errors() == set() and time.perf_counter() - start >= 0.25
+    assert side.layout is not None
+    for i in range(3):
+        assert torch.equal(side.layout.tensors["l0"][20 + i], side.layout.tensors["l0"][1 + i])
+    side.shutdown()

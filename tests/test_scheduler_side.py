@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from types import SimpleNamespace
 
 from kvtier.config import KVTierConfig
@@ -196,3 +197,60 @@ def test_preempted_or_reallocated_requests_no_longer_delay_their_release(tmp_pat
     # saved, and vLLM frees them when the load reports (a True here would free them twice).
     s.update_state_after_alloc(c, blocks([10, 11, 12, 13]), 0)
     assert s.request_finished(c) is False
+
+
+def test_with_two_ranks_a_block_is_a_hit_only_when_both_shards_are_held(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from kvtier.keys import rank_key
+
+    cfg = KVTierConfig.from_dict({"tiers": [{"kind": "dram", "capacity": "1MiB"}]}, env={})
+    s = SchedulerSide(cfg, FP, BS, world=2)
+    tokens = list(range(17))
+    keys = block_keys(FP, tokens, BS)
+    stored(s, [rank_key(k, 0, 2) for k in keys])  # rank 0 holds all four blocks
+    stored(s, [rank_key(k, 1, 2) for k in keys[:2]])  # rank 1 only the first two
+    assert s.get_num_new_matched_tokens(request("a", tokens), 0) == (8, False)
+    # Saves are planned per block; every rank's shard is pending until that rank reports it.
+    new = SimpleNamespace(req_id="a", block_ids=([5, 6, 7, 8],), num_computed_tokens=0)
+    meta = s.build_connector_meta(sched_output(new=[new], scheduled={"a": 17}))
+    assert [k for k, _ in meta.saves] == keys[2:]
+    assert {rank_key(k, r, 2) for k in keys[2:] for r in (0, 1)} <= s.pending_saves
+
+
+def test_pipeline_parallelism_is_refused_naming_the_setting() -> None:
+    import pytest
+    from vllm.config import KVTransferConfig
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+    from vllm.engine.arg_utils import EngineArgs
+
+    from kvtier.connector.connector import KVTierConnector
+    from kvtier.errors import ConfigError
+    from kvtier_bench.models import build_model
+
+    transfer = KVTransferConfig(kv_connector="KVTierConnector", kv_role="kv_both",
+                                kv_connector_extra_config={"tiers": [{"kind": "dram", "capacity": "1MiB"}]})
+    cfg = EngineArgs(model=build_model("tiny"), dtype="bfloat16", max_model_len=1024, enforce_eager=True,
+                     pipeline_parallel_size=2, kv_transfer_config=transfer).create_engine_config()
+    logger = logging.getLogger("kvtier")
+    handlers, propagate = list(logger.handlers), logger.propagate
+    try:
+        with pytest.raises(ConfigError, match="pipeline_parallel_size=2 is not supported"):
+            KVTierConnector(cfg, KVConnectorRole.SCHEDULER)
+    finally:  # the connector sets up kvtier's own log handler; later tests read records through caplog
+        logger.handlers[:], logger.propagate = handlers, propagate
+
+
+def test_blocks_whose_saves_have_not_been_reported_yet_are_hits(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # A request ends at the step that planned its saves; the next request repeats it before any step could
+    # report the saves. Its blocks count as held in the top tier (the worker waits for the save to land).
+    s = side(tmp_path)
+    tokens = list(range(13))
+    keys = block_keys(FP, tokens, BS)
+    s.get_num_new_matched_tokens(request("a", tokens), 0)
+    new = SimpleNamespace(req_id="a", block_ids=([5, 6, 7, 8],), num_computed_tokens=0)
+    assert len(s.build_connector_meta(sched_output(new=[new], scheduled={"a": 13})).saves) == 3
+    again = request("b", tokens)
+    assert s.get_num_new_matched_tokens(again, 0) == (12, False)
+    s.update_state_after_alloc(again, blocks([1, 2, 3, 4]), 12)
+    assert s.hit_sources(again) == {"dram": 12}
+    s.update_connector_output(KVTierWorkerMeta([(keys[1], None)]))  # the save of block 1 failed
+    assert s.get_num_new_matched_tokens(request("c", tokens), 0) == (4, False)

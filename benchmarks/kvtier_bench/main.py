@@ -1,8 +1,10 @@
 """``kvtier bench``: the multi-turn chat benchmark, kvtier vs plain vLLM, side by side.
 
-    kvtier bench --preset small                    # the README's command: a few minutes on 2 CPU cores
+    kvtier bench                                   # the README's command (preset chat): < 10 min on 2 CPU cores
+    kvtier bench --preset quick                    # a smoke test
     kvtier bench --preset large --policies lru,lfu,arc,attention
     kvtier bench --config configs/bench-example.yaml --out results/mine
+    kvtier bench --endpoint http://127.0.0.1:8000 --rounds 3   # against a running vLLM server
 
 Writes results.json, results.md, ttft_by_turn.png and hits_by_tier.png into the results directory
 (default results/<timestamp>/), plus one folder per configuration with its engine log.
@@ -23,10 +25,12 @@ from pathlib import Path
 from typing import Any
 
 from kvtier_bench import runner
+from kvtier_bench.compare import compare
 from kvtier_bench.configs import REFERENCE, RunConfig, build_configs, driver_spec
+from kvtier_bench.endpoint.cli import add_arguments as add_endpoint_arguments
 from kvtier_bench.report import markdown, plots
 from kvtier_bench.s3server import LocalS3, find_weed
-from kvtier_bench.settings import PRESETS, BenchSettings, load_settings
+from kvtier_bench.settings import DEFAULT_PRESET, PRESETS, BenchSettings, load_settings
 from kvtier_bench.stats import check_against, summarize
 from kvtier_bench.workload import check_fits, generate, load_tokenizer
 
@@ -34,7 +38,8 @@ from kvtier_bench.workload import check_fits, generate, load_tokenizer
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kvtier bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="small", choices=sorted(PRESETS), help="built-in settings (default small)")
+    p.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS),
+                   help=f"built-in settings (default {DEFAULT_PRESET}: kvtier's regime; quick: a smoke test)")
     p.add_argument("--config", help="YAML settings file (see benchmarks/kvtier_bench/settings.py); may name a preset")
     p.add_argument("--configs", help="comma-separated configurations to compare (the reference always runs)")
     p.add_argument("--policies", help="comma-separated eviction policies to add as kvtier-dram-disk-<policy> runs")
@@ -46,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="results directory (default results/<timestamp>)")
     p.add_argument("--keep-data", action="store_true", help="keep the disk tiers' block files")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_endpoint_arguments(p)
     return p
 
 
@@ -143,11 +149,13 @@ def execute(configs: list[RunConfig], settings: BenchSettings, specs: dict[str, 
                     continue
                 progress.phase(f"{drv.cfg.name}: round {index + 1}/{settings.rounds}")
                 drv.progress = (0, 0)
-                runner.command([drv], "run", settings.timeout_s, partial(_show, progress, drv))
+                with runner.alone(drv, live, settings.pause_idle):
+                    runner.command([drv], "run", settings.timeout_s, partial(_show, progress, drv))
                 progress.advance(per_round)
         for drv in live:  # one at a time too: on a few cores, engines running side by side slow each other a lot
             progress.phase(f"{drv.cfg.name}: correctness pass")
-            runner.command([drv], "check", settings.timeout_s)
+            with runner.alone(drv, live, settings.pause_idle):
+                runner.command([drv], "check", settings.timeout_s)
     except BaseException:
         for drv in drivers:  # interrupted or broken: leave no engine behind
             drv.kill()
@@ -159,6 +167,10 @@ def execute(configs: list[RunConfig], settings: BenchSettings, specs: dict[str, 
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    if args.endpoint:
+        from kvtier_bench.endpoint.run import main_endpoint
+
+        return main_endpoint(args, argv)
     settings = load_settings(args.preset, args.config, _overrides(args))
     model_dir = resolve_model(settings.model)
     workload = generate(settings.workload, load_tokenizer(model_dir))
@@ -229,6 +241,7 @@ def build_report(settings: BenchSettings, configs: list[RunConfig], results: dic
             row["rounds"] = raw["rounds"]
             row["check_requests"] = raw.get("check_requests", [])
         rows.append(row)
+    raws = {name: res["raw"] for name, res in results.items() if res.get("status") == "ok"}
     report: dict[str, Any] = {
         "command": shlex.join(["kvtier", "bench", *argv]),
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -238,6 +251,7 @@ def build_report(settings: BenchSettings, configs: list[RunConfig], results: dic
         "settings": settings.to_dict(),
         "workload": {"requests": num_requests},
         "results": rows,
+        "comparisons": compare(rows, raws),
     }
     report["plots"] = plots(report, run_dir)
     (run_dir / "results.json").write_text(json.dumps(report, indent=1))

@@ -72,6 +72,9 @@ SIZES: dict[str, ModelSpec] = {
     # ~26M parameters
     "small": ModelSpec(num_hidden_layers=8, hidden_size=512, num_attention_heads=8,
                        num_key_value_heads=4, intermediate_size=1280),
+    # tiny with positions for 40k tokens: the long-context benchmark preset
+    "tiny-32k": ModelSpec(num_hidden_layers=4, hidden_size=256, num_attention_heads=4,
+                          num_key_value_heads=2, intermediate_size=768, max_position_embeddings=40960),
     # ~96M parameters
     "base": ModelSpec(num_hidden_layers=12, hidden_size=768, num_attention_heads=12,
                       num_key_value_heads=4, intermediate_size=2560),

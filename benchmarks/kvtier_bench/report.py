@@ -5,6 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from kvtier_bench.compare import markdown as compare_markdown
+from kvtier_bench.compare import spread, spread_rate
+
 TIER_COLORS = {"vllm": "#4c72b0", "dram": "#55a868", "disk": "#dd8452", "s3": "#8172b3", "recomputed": "#cccccc"}
 
 
@@ -48,9 +51,10 @@ def markdown(report: dict[str, Any]) -> str:
          f"{_mib(s['engine']['reference_kv_cache_bytes'])} MiB), block size {s['engine']['block_size']}; "
          f"machine: {report['machine']}; kvtier at {report.get('git', 'unknown')}."),
         "",
-        ("| config | TTFT p50 / p90 / p99 ms | ITL p50 / p99 ms | e2e p50 ms | req/s | out tok/s | hit rate "
+        ("| config | TTFT p50 ms per round: median (min–max) | TTFT p50 / p90 / p99 ms (all rounds) "
+         "| ITL p50 / p99 ms | e2e p50 ms | req/s per round: median (min–max) | out tok/s | hit rate "
          "| hit tokens by tier | loaded / saved MiB | peak RSS MiB | outputs vs reference | load avg |"),
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["results"]:
         if r["status"] != "ok":
@@ -59,9 +63,11 @@ def markdown(report: dict[str, Any]) -> str:
         kv = m["kvtier"] or {}
         moved = f"{_mib(kv.get('loaded_bytes'))} / {_mib(kv.get('saved_bytes'))}" if kv else "–"
         t, i = m["ttft_ms"], m["itl_ms"]
+        per_round_rps = [len(rnd["requests"]) / rnd["wall_s"] for rnd in r["rounds"] if rnd["wall_s"] > 0]
         lines.append(
-            f"| {r['name']} | {_f(t['p50'])} / {_f(t['p90'])} / {_f(t['p99'])} | {_f(i['p50'], 1)} / {_f(i['p99'], 1)} "
-            f"| {_f(m['e2e_ms']['p50'])} | {m['requests_per_s']:.2f} | {m['output_tokens_per_s']:.1f} "
+            f"| {r['name']} | {spread(m['ttft_p50_by_round_ms'])} "
+            f"| {_f(t['p50'])} / {_f(t['p90'])} / {_f(t['p99'])} | {_f(i['p50'], 1)} / {_f(i['p99'], 1)} "
+            f"| {_f(m['e2e_ms']['p50'])} | {spread_rate(per_round_rps)} | {m['output_tokens_per_s']:.1f} "
             f"| {m['hit_rate']:.0%} | {_hits(m)} | {moved} | {_mib(m['peak_rss_bytes'])} | {_check(r['name'], r.get('check'))} "
             f"| {_f(m['loadavg'][0], 1)}–{_f(m['loadavg'][1], 1)} |")
     lines += ["", "TTFT p50 by turn (ms):", ""]
@@ -75,6 +81,7 @@ def markdown(report: dict[str, Any]) -> str:
             per_round = ", ".join(_f(v) for v in r["summary"]["ttft_p50_by_round_ms"])
             lines.append(f"| {r['name']} | " + " | ".join(_f(by.get(t, {}).get("p50")) for t in turns)
                          + f" | {per_round} |")
+    lines += compare_markdown(report.get("comparisons", []))
     others = [r for r in report["results"] if r["status"] != "ok"]
     if others:
         lines += [""] + [f"- **{r['name']}**: {r['status']}: {r['error']}" for r in others]

@@ -8,6 +8,7 @@ engine at a time as well.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -16,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -118,6 +119,27 @@ def _read_output(drv: Driver) -> None:
                 drv.ready = True
             elif line.startswith("BENCH-DONE"):
                 drv.done += 1
+
+
+@contextlib.contextmanager
+def alone(drv: Driver, drivers: list[Driver], pause: bool) -> Iterator[None]:
+    """Run ``drv`` with every other engine stopped (SIGSTOP to its process group), so background work left
+    from their own rounds (saves still landing, idle threads) takes nothing from the one being measured."""
+    others = [d for d in drivers if d is not drv and d.alive] if pause else []
+    for other in others:
+        _signal(other, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for other in others:
+            _signal(other, signal.SIGCONT)
+
+
+def _signal(drv: Driver, sig: int) -> None:
+    try:
+        os.killpg(drv.proc.pid, sig)
+    except ProcessLookupError:
+        pass
 
 
 def wait_until(drivers: list[Driver], condition: Callable[[Driver], bool], deadline: float,

@@ -1,8 +1,10 @@
 """Benchmark settings: built-in presets (small, large), YAML files that override them, and validation.
 
-A settings file looks like this (every key is optional; ``preset`` names the base, default ``small``)::
+Presets: ``chat`` (the default: kvtier's regime, see PRESETS), ``quick`` (a smoke test; ``small`` is its earlier
+name), ``long`` (one history past 32k tokens), ``large``. A settings file looks like this (every key is optional;
+``preset`` names the base, default ``chat``)::
 
-    preset: small
+    preset: quick
     model: tiny                  # tiny | small | base (built locally by kvtier_bench.models) or a model directory
     workload:
       conversations: 4           # concurrent users
@@ -31,6 +33,7 @@ A settings file looks like this (every key is optional; ``preset`` names the bas
     policies: []                 # extra kvtier-dram-disk runs, one per eviction policy: [lru, lfu, arc, attention]
     rounds: 1                    # timed rounds per configuration, interleaved across configurations
     parallel_starts: 2           # engines starting at the same time (all stay up until the end)
+    pause_idle: true             # SIGSTOP the other engines while one runs its round or correctness pass
     timeout_s: 900               # per engine start, per round and for the correctness pass
 """
 
@@ -51,7 +54,26 @@ ALL_CONFIGS = ("vllm-no-prefix", "vllm-prefix", "kvtier-dram", "kvtier-dram-disk
 POLICIES = ("lru", "lfu", "arc", "attention")
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "small": {
+    # The default: kvtier's regime. Eight users whose histories grow from ~2.1k to ~2.6k tokens on a 26M-parameter
+    # model (recomputing a history costs far more than loading it), a working set ~4x vLLM's KV space, users
+    # arriving faster than recomputing every history allows. Three interleaved rounds; under 10 min on 2 cores.
+    "chat": {
+        "model": "small",
+        "workload": {"conversations": 8, "turns": 4, "system_tokens": 512, "document_tokens": 1536,
+                     "question_tokens": 96, "answer_tokens": 48, "arrival_rate": 1.0, "think_time_s": 2.0,
+                     "seed": 0, "trace": None},
+        "engine": {"kv_cache_bytes": "40MiB", "reference_kv_cache_bytes": "512MiB", "max_model_len": 4096,
+                   "block_size": 128, "multiprocessing": False},
+        "tiers": {"dram": "512MiB", "small_dram": "48MiB", "disk": "1GiB", "small_disk": "32MiB"},
+        "configs": ["vllm-prefix", "kvtier-dram", "kvtier-dram-disk"],
+        "policies": [],
+        "rounds": 3,
+        "parallel_starts": 2,
+        "pause_idle": True,
+        "timeout_s": 900,
+    },
+    # A smoke test in a couple of minutes: the tiny model, short histories (kvtier's gains are small here).
+    "quick": {
         "model": "tiny",
         "workload": {"conversations": 4, "turns": 3, "system_tokens": 384, "document_tokens": 256,
                      "question_tokens": 48, "answer_tokens": 32, "arrival_rate": 0.5, "think_time_s": 1.0,
@@ -63,7 +85,25 @@ PRESETS: dict[str, dict[str, Any]] = {
         "policies": [],
         "rounds": 1,
         "parallel_starts": 2,
+        "pause_idle": True,
         "timeout_s": 900,
+    },
+    # Long context: two conversations over a ~29k-token document; one history passes 32k tokens by its last
+    # turn, where a recompute hurts most. Reports TTFT of the last turns and the bytes kvtier moved.
+    "long": {
+        "model": "tiny-32k",
+        "workload": {"conversations": 2, "turns": 4, "system_tokens": 512, "document_tokens": 29184,
+                     "question_tokens": 512, "answer_tokens": 64, "arrival_rate": 0.0, "think_time_s": 1.0,
+                     "seed": 0, "trace": None},
+        "engine": {"kv_cache_bytes": "80MiB", "reference_kv_cache_bytes": "512MiB", "max_model_len": 36864,
+                   "block_size": 128, "multiprocessing": False},
+        "tiers": {"dram": "512MiB", "small_dram": "64MiB", "disk": "1GiB", "small_disk": "64MiB"},
+        "configs": ["vllm-prefix", "kvtier-dram-disk"],
+        "policies": [],
+        "rounds": 3,
+        "parallel_starts": 2,
+        "pause_idle": True,
+        "timeout_s": 3600,
     },
     "large": {
         "model": "small",
@@ -75,11 +115,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "tiers": {"dram": "2GiB", "small_dram": "64MiB", "disk": "4GiB", "small_disk": "64MiB"},
         "configs": list(ALL_CONFIGS),
         "policies": list(POLICIES),
-        "rounds": 2,
+        "rounds": 3,
         "parallel_starts": 2,
+        "pause_idle": True,
         "timeout_s": 3600,
     },
 }
+PRESETS["small"] = PRESETS["quick"]  # the quick preset's earlier name
+DEFAULT_PRESET = "chat"
 
 
 @dataclass(frozen=True)
@@ -125,6 +168,7 @@ class BenchSettings:
     rounds: int
     parallel_starts: int
     timeout_s: float
+    pause_idle: bool = True  # stop the other engines while one is measured
 
     def to_dict(self) -> dict[str, Any]:
         from dataclasses import asdict
@@ -132,7 +176,7 @@ class BenchSettings:
         return asdict(self)
 
 
-def load_settings(preset: str = "small", path: str | None = None,
+def load_settings(preset: str = DEFAULT_PRESET, path: str | None = None,
                   overrides: dict[str, Any] | None = None) -> BenchSettings:
     """Preset, then the YAML file (which may name another preset), then ``overrides`` (same structure)."""
     data: dict[str, Any] = {}
@@ -197,7 +241,7 @@ def _build(preset: str, d: dict[str, Any]) -> BenchSettings:
             raise ConfigError(f"policies: unknown policy {p!r} (expected some of: {', '.join(POLICIES)})")
     return BenchSettings(preset, str(d["model"]), workload, engine, tiers, configs, policies,
                          _int(d["rounds"], "rounds", 1), _int(d["parallel_starts"], "parallel_starts", 1),
-                         _float(d["timeout_s"], "timeout_s"))
+                         _float(d["timeout_s"], "timeout_s"), bool(d["pause_idle"]))
 
 
 def _int(value: Any, path: str, minimum: int) -> int:

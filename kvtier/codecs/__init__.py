@@ -1,4 +1,5 @@
-"""Codecs (none, lz4, zstd, or ``package.module:Class``), the byte-plane shuffle and the checksummed record."""
+"""Codecs (none, lz4, zstd, planes, or ``package.module:Class``), the byte-plane shuffle and the checksummed
+record."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import TYPE_CHECKING
 from kvtier.codecs.base import Codec
 from kvtier.codecs.lz4 import Lz4Codec
 from kvtier.codecs.none import NoneCodec
+from kvtier.codecs.planes import PlanesCodec
 from kvtier.codecs.record import (
     HEADER_SIZE,
     RecordHeader,
@@ -23,12 +25,12 @@ from kvtier.plugins import CODECS
 if TYPE_CHECKING:
     from kvtier.config import CodecConfig
 
-__all__ = ["Codec", "BlockCodec", "Lz4Codec", "NoneCodec", "ZstdCodec", "HEADER_SIZE", "RecordHeader", "make_codec",
-           "decode_record", "encode_record", "max_record_size", "parse_header", "read_header", "ALL_DECODERS",
-           "codec_name"]
+__all__ = ["Codec", "BlockCodec", "Lz4Codec", "NoneCodec", "PlanesCodec", "ZstdCodec", "HEADER_SIZE", "RecordHeader",
+           "make_codec", "decode_record", "encode_record", "max_record_size", "parse_header", "read_header",
+           "ALL_DECODERS", "codec_name"]
 
 # The built-in codecs can decode any record they wrote, whatever the tier's current settings.
-ALL_DECODERS: dict[int, Codec] = {c.codec_id: c for c in (NoneCodec(), Lz4Codec(), ZstdCodec())}
+ALL_DECODERS: dict[int, Codec] = {c.codec_id: c for c in (NoneCodec(), Lz4Codec(), ZstdCodec(), PlanesCodec())}
 
 
 def make_codec(cfg: CodecConfig, path: str = "codec") -> Codec:
@@ -37,7 +39,9 @@ def make_codec(cfg: CodecConfig, path: str = "codec") -> Codec:
     builtin = ALL_DECODERS.get(getattr(cls, "codec_id", -1))
     if builtin is not None and type(builtin) is not cls:
         raise ConfigError(f"{path}.name: {cfg.name!r} reuses codec id {cls.codec_id} of the built-in "
-                          f"{builtin.name!r}; choose an unused id (3..255)")
+                          f"{builtin.name!r}; choose an unused id (4..255)")
+    if cfg.shuffle and cls.splits_planes:
+        raise ConfigError(f"{path}.shuffle: the {cfg.name!r} codec splits byte planes itself; remove shuffle")
     try:
         return cls.create(cfg.level)
     except CodecError as exc:

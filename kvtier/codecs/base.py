@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import ClassVar
 
 
 class Codec(ABC):
@@ -17,6 +18,7 @@ class Codec(ABC):
 
     codec_id: int
     name: str
+    splits_planes: ClassVar[bool] = False  # True: the codec splits byte planes itself (config refuses shuffle)
 
     @classmethod
     def create(cls, level: int) -> Codec:

@@ -40,6 +40,15 @@ from kvtier.logs import setup_logging
 log = logging.getLogger("kvtier")
 
 
+def _parallel_rank(world: int) -> int:
+    """This worker's tensor-parallel rank: it stores its shard of each block under its own keys."""
+    if world == 1:
+        return 0
+    from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+    return int(get_tensor_model_parallel_rank())
+
+
 def frees_running_blocks(kv_cache_config: KVCacheConfig | None) -> bool:
     """Whether vLLM may free blocks of a running request (sliding-window, chunked-local, gapped attention...):
     then every step is ordered after the save copies in flight. Only plain full attention never does."""
@@ -69,9 +78,12 @@ class KVTierConnector(KVConnectorBase_V1):
         setup_logging()  # here, not at import: importing kvtier must not reconfigure logging
         transfer = vllm_config.kv_transfer_config
         self.cfg = load_config(transfer.kv_connector_extra_config if transfer else None)
-        if vllm_config.parallel_config.tensor_parallel_size > 1 or vllm_config.parallel_config.pipeline_parallel_size > 1:
-            raise ConfigError("KVTierConnector: tensor/pipeline parallelism > 1 is not supported yet "
-                              "(block keys are per rank; see the README's limitations)")
+        parallel = vllm_config.parallel_config
+        if parallel.pipeline_parallel_size > 1:
+            raise ConfigError(f"KVTierConnector: pipeline_parallel_size={parallel.pipeline_parallel_size} is not "
+                              "supported: each stage would store a part of every block, which kvtier has not been "
+                              "verified to do (vLLM 0.32's CPU build fails PP itself); use tensor_parallel_size")
+        world = int(parallel.tensor_parallel_size)
         self.block_size = int(vllm_config.cache_config.block_size)
         self._scheduler = None
         self._worker = None
@@ -82,12 +94,13 @@ class KVTierConnector(KVConnectorBase_V1):
                 # A block that fails verification must be recomputed, never fail the request.
                 object.__setattr__(transfer, "kv_load_failure_policy", "recompute")
             self._scheduler = SchedulerSide(self.cfg, fingerprint_from_vllm(vllm_config, kv_cache_config),
-                                            self.block_size)
+                                            self.block_size, world)
         else:
             from kvtier.connector.worker import WorkerSide
 
             num_blocks = kv_cache_config.num_blocks if kv_cache_config is not None else None
-            self._worker = WorkerSide(self.cfg, num_blocks, fence_every_step=frees_running_blocks(kv_cache_config))
+            self._worker = WorkerSide(self.cfg, num_blocks, rank=_parallel_rank(world), world=world,
+                                      fence_every_step=frees_running_blocks(kv_cache_config))
 
     @classmethod
     def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:
@@ -170,6 +183,8 @@ class KVTierConnector(KVConnectorBase_V1):
     def shutdown(self) -> None:
         if self._worker is not None:
             self._worker.shutdown()
+        if self._scheduler is not None:
+            self._scheduler.shutdown()
 
     # ---- scheduler side --------------------------------------------------------------------------
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:

@@ -6,6 +6,10 @@ Workers own the tiers; the scheduler never opens one. It learns placement from t
 - every step, ``PlacementEvent``s in the worker metadata: a block stored or moved (tier name) or gone (None).
 The index is a belief, not the truth: a block it lists may have vanished since (another instance deleted it,
 a server lost it); the load then misses and vLLM recomputes.
+
+Under tensor/pipeline parallelism every rank stores its own shard under its own key (``keys.rank_key``); the
+events carry those shard keys, and a block counts as held only when every rank's shard is (``holder``), so no
+load is ever planned that some rank cannot serve.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from kvtier.keys import KEY_SIZE, BlockKey
+from kvtier.keys import KEY_SIZE, BlockKey, rank_key
 
 
 class PlacementEvent(NamedTuple):
@@ -39,8 +43,22 @@ class StartupPlacement:
 
 
 class PlacementIndex:
-    def __init__(self) -> None:
+    def __init__(self, world: int = 1) -> None:
+        self.world = world  # ranks that each hold a shard of every block
         self._where: dict[BlockKey, str] = {}
+
+    def shard_keys(self, key: BlockKey) -> list[BlockKey]:
+        """The keys under which each rank stores its shard of block ``key``."""
+        return [rank_key(key, rank, self.world) for rank in range(self.world)]
+
+    def holder(self, key: BlockKey) -> str | None:
+        """The tier rank 0's shard of ``key`` lives in, when every rank holds its shard; else None."""
+        if self.world == 1:
+            return self._where.get(key)
+        shards = self.shard_keys(key)
+        if any(shard not in self._where for shard in shards):
+            return None
+        return self._where[shards[0]]
 
     def apply(self, events: Iterable[tuple[BlockKey, str | None]]) -> None:
         for key, tier in events:

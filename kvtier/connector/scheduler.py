@@ -14,6 +14,7 @@ from kvtier.connector.metadata import KVTierMetadata, KVTierWorkerMeta, LoadSpec
 from kvtier.connector.placement import PlacementIndex, StartupPlacement
 from kvtier.keys import KeyChain, ModelFingerprint
 from kvtier.plugins import TIERS
+from kvtier.sharing import SharedPlacement
 
 if TYPE_CHECKING:
     from vllm.v1.core.sched.output import SchedulerOutput
@@ -32,23 +33,33 @@ class _ReqState:
     hit_tiers: dict[str, int] = field(default_factory=dict)
     saves_planned: int = 0
     saving: bool = False  # saves planned since its blocks were allocated: delay their release (saving.py)
+    asked_shared: int = 0  # blocks already looked up in the shared index (asked once per request and length)
 
 
 class SchedulerSide:
-    def __init__(self, cfg: KVTierConfig, fingerprint: ModelFingerprint, block_size: int) -> None:
+    def __init__(self, cfg: KVTierConfig, fingerprint: ModelFingerprint, block_size: int, world: int = 1) -> None:
         self.cfg = cfg
         self.fingerprint = fingerprint
         self.block_size = block_size
         # What vLLM's hit-source metrics call each tier ("host", "disk", "external"), declared by its class.
         self.tier_sources = {t.name: TIERS.resolve(t.kind, f"tiers[{i}].kind").hit_source
                              for i, t in enumerate(cfg.tiers)}
-        self.index = PlacementIndex()  # key -> tier that holds it (as last reported)
+        self.index = PlacementIndex(world)  # shard key -> tier that holds it (as last reported)
         self.epoch = 0  # reset_cache epochs: part of every new request's keys
-        self.pending_saves: set[bytes] = set()
+        self.pending_saves: set[bytes] = set()  # shard keys planned for saving, not reported yet
         self._reqs: dict[str, _ReqState] = {}
         self._loads: list[LoadSpec] = []
         self._clear_next = False
         self._releases: list[str] = []  # finished requests whose block release waits for their save copies
+        self.shared = self._shared_index(cfg)
+
+    @staticmethod
+    def _shared_index(cfg: KVTierConfig) -> SharedPlacement | None:
+        """The live placement index of the shared tiers, when one is configured (kvtier/sharing.py)."""
+        shared = [t.name for i, t in enumerate(cfg.tiers) if TIERS.resolve(t.kind, f"tiers[{i}].kind").shared]
+        if not cfg.placement_index.url or not shared:
+            return None
+        return SharedPlacement(cfg.placement_index, shared)
 
     def learn_startup(self, reports: Iterable[StartupPlacement]) -> None:
         """What the workers' persistent tiers held at start-up (vLLM's handshake channel)."""
@@ -77,14 +88,39 @@ class SchedulerSide:
         keys = state.chain.extend(list(request.all_token_ids[:max_blocks * self.block_size]))
         hit = 0
         for key in keys[:max_blocks]:
-            if key not in self.index:
+            if self._where(key) is None:
                 break
             hit += 1
+        if hit < max_blocks and self.shared is not None and state.asked_shared < max_blocks:
+            hit = self._ask_shared(keys[hit:max_blocks], hit)  # blocks other engines stored since we started
+            state.asked_shared = max_blocks
         first = num_computed_tokens // self.block_size
         if hit <= first or hit - first < self.cfg.connector.min_hit_blocks:
             return 0, False
         state.pending_load = (first, hit)
         return hit * self.block_size - num_computed_tokens, self.cfg.connector.async_load
+
+    def _ask_shared(self, keys: list[bytes], hit: int) -> int:
+        """One round trip to the shared index for every rank's shard of ``keys``; what it lists goes into the
+        local index (as placement events) and extends the hit while every shard of a block is listed."""
+        assert self.shared is not None
+        shards = [shard for key in keys for shard in self.index.shard_keys(key)]
+        found = self.shared.lookup(shards)
+        self.index.apply(found.items())
+        for key in keys:
+            if self._where(key) is None:
+                break
+            hit += 1
+        return hit
+
+    def _where(self, key: bytes) -> str | None:
+        """The tier that holds block ``key`` on every rank, or the top tier while its save is still landing
+        there (the worker waits for an unfinished save before loading): a request that repeats one that
+        just ended, with no step in between to report the saves, still hits."""
+        held = self.index.holder(key)
+        if held is None and all(shard in self.pending_saves for shard in self.index.shard_keys(key)):
+            return self.cfg.tiers[0].name
+        return held
 
     def update_state_after_alloc(self, request: Request, blocks: Any, num_external_tokens: int) -> None:
         state = self._state(request)
@@ -99,7 +135,7 @@ class SchedulerSide:
         keys = state.chain.keys[first:end]
         state.hit_tiers = {}
         for key in keys:
-            tier = self.index.tier_of(key) or "?"
+            tier = self._where(key) or "?"
             state.hit_tiers[tier] = state.hit_tiers.get(tier, 0) + self.block_size
         self._loads.append(LoadSpec(request.request_id, list(keys), block_ids[first:end],
                                     self.cfg.connector.async_load))
@@ -151,9 +187,10 @@ class SchedulerSide:
         keys = state.chain.extend(list(request.all_token_ids[:full * self.block_size]))
         for b in range(state.next_save_block, full):
             key = keys[b]
-            if key in self.index or key in self.pending_saves:
+            shards = self.index.shard_keys(key)
+            if self.index.holder(key) is not None or any(shard in self.pending_saves for shard in shards):
                 continue
-            self.pending_saves.add(key)
+            self.pending_saves.update(shards)
             meta.saves.append((key, state.block_ids[b]))
             if not meta.save_reqs or meta.save_reqs[-1] != request.request_id:
                 meta.save_reqs.append(request.request_id)  # the copies of this step read its blocks
@@ -185,6 +222,12 @@ class SchedulerSide:
                 "hit_tokens_by_tier": state.hit_tiers, "blocks_saved": state.saves_planned,
                 "index_blocks": len(self.index)}))
         return state is not None and state.saving
+
+    def shutdown(self) -> None:
+        if self.shared is not None:
+            log.info("kvtier: placement index lookups %s, latency %s ms", self.shared.counters,
+                     self.shared.latency_ms())
+            self.shared.close()
 
     def reset_cache(self) -> bool:
         """Forget everything stored: a new key epoch makes all earlier blocks unreachable from this engine at

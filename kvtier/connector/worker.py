@@ -18,6 +18,7 @@ whatever its blocks held before.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -35,6 +36,8 @@ from kvtier.connector.metadata import KVTierMetadata, KVTierWorkerMeta, LoadSpec
 from kvtier.connector.placement import StartupPlacement
 from kvtier.connector.savequeue import SaveQueue
 from kvtier.connector.saving import AsyncSaves
+from kvtier.keys import rank_key
+from kvtier.sharing import SharedPlacement
 from kvtier.tiers.stack import TierStack
 from kvtier.transfer import DoneFence, Fence, FenceFactory, FenceWatcher, KVCopier, KVLayout, StagingPool
 
@@ -45,13 +48,14 @@ log = logging.getLogger("kvtier.worker")
 
 
 class WorkerSide:
-    def __init__(self, cfg: KVTierConfig, num_blocks: int | None = None, fences: FenceFactory | None = None,
-                 fence_every_step: bool = False) -> None:
+    def __init__(self, cfg: KVTierConfig, num_blocks: int | None = None, rank: int = 0, world: int = 1,
+                 fences: FenceFactory | None = None, fence_every_step: bool = False) -> None:
         """``fences`` replaces the copy fences (tests hold copies "in flight" with it); ``fence_every_step``
         orders each step after every save copy in flight (attention types that free blocks of running
         requests)."""
         self.cfg = cfg
         self.num_blocks = num_blocks
+        self.rank, self.world = rank, world  # this worker stores its shard of each block under rank_key(key)
         self._fence_factory = fences
         self.fence_every_step = fence_every_step
         # Set by register_kv_caches: the staging pool, the device copies, their completion, saves and loads.
@@ -73,7 +77,10 @@ class WorkerSide:
         # Separate pools: a load (on the request's critical path) never queues behind background saves.
         self.load_pool = ThreadPoolExecutor(threads, thread_name_prefix="kvtier-load")
         self._async_loads: dict[str, Future[set[int]]] = {}
+        self._storing: dict[bytes, Future[Any]] = {}  # keys whose save is queued or running
+        self._storing_lock = threading.Lock()
         self._load_errors: set[int] = set()
+        self.placement = self._publish_placement(cfg)
         self.counters = Counters(self._tier_stats, cfg.metrics.log_interval_s)
         self.exporter = None
         if cfg.metrics.prometheus_port is not None:  # standalone /metrics on 127.0.0.1 (kvtier/prom.py)
@@ -81,10 +88,23 @@ class WorkerSide:
 
             self.exporter = start_exporter(cfg.metrics.prometheus_port, self.stack, self.counters.values)
 
+    def _publish_placement(self, cfg: KVTierConfig) -> SharedPlacement | None:
+        """With a placement index, every shared tier tells it what it gains and loses (kvtier/sharing.py)."""
+        shared = [t for t in self.stack.tiers if t.shared]
+        if not cfg.placement_index.url or not shared:
+            return None
+        placement = SharedPlacement(cfg.placement_index, [t.name for t in shared])
+        for tier in shared:
+            tier.listener = (lambda change, key, size, name=tier.name:  # type: ignore[attr-defined]
+                             placement.note(change, key, name, size))
+        return placement
+
     def _tier_stats(self) -> dict[str, Any]:
         extra = self.scores.counters() if self.scores is not None else {}
         if self.pool is not None:
             extra = {**extra, "staging_waits": self.pool.waits, "staging_timeouts": self.pool.timeouts}
+        if self.placement is not None:
+            extra = {**extra, **{f"placement_index.{k}": v for k, v in self.placement.counters.items()}}
         return {"counters": extra, "tiers": self.stack.metrics.snapshot(), "usage": self.stack.usage()}
 
     def _background(self, job: Callable[[], None]) -> None:
@@ -124,8 +144,22 @@ class WorkerSide:
             log.exception("kvtier: attention capture could not start; policies rank by hit counts only")
             self.scores = None
 
+    def local(self, meta: KVTierMetadata) -> KVTierMetadata:
+        """The step's plan in this rank's shard keys (the scheduler plans whole blocks)."""
+        if self.world == 1:
+            return meta
+
+        def shard(key: bytes) -> bytes:
+            return rank_key(key, self.rank, self.world)
+
+        return dataclasses.replace(  # the other fields (request ids, flags) are the same on every rank
+            meta, loads=[LoadSpec(s.req_id, [shard(k) for k in s.keys], s.block_ids, s.is_async) for s in meta.loads],
+            saves=[(shard(k), b) for k, b in meta.saves], sinks=[shard(k) for k in meta.sinks],
+            links=[(shard(c), shard(p)) for c, p in meta.links])
+
     # ---- loads -------------------------------------------------------------------------------------
     def start_load_kv(self, meta: KVTierMetadata) -> None:
+        meta = self.local(meta)
         if meta.clear_store:
             self.stack.clear()  # forgets at once; local storage is freed in the background
         if self.scores is not None:
@@ -181,6 +215,7 @@ class WorkerSide:
             raise RuntimeError("register_kv_caches was not called")
         if len(spec.keys) != len(spec.block_ids):
             raise ValueError(f"{len(spec.keys)} keys for {len(spec.block_ids)} blocks")
+        self._await_saves(spec.keys)
         fetched = self.stack.get_many(spec.keys, self.load_pool.map if parallel else map)
         good = 0
         while good < len(fetched) and fetched[good] is not None and len(fetched[good][0]) == self.layout.block_bytes:
@@ -189,18 +224,47 @@ class WorkerSide:
         fences = self.loader.copy(spec.block_ids[:good], [raw for raw, _ in found], after) if good else []
         return good, [tier for _, tier in found], fences
 
+    def _await_saves(self, keys: list[bytes], timeout_s: float = 2.0) -> None:
+        """A load may be planned for blocks whose save has not landed yet (the scheduler counts them as held
+        until told otherwise): wait for those saves, a bounded while (a block still missing then is a miss)."""
+        with self._storing_lock:
+            futures = {self._storing[k] for k in keys if k in self._storing}
+        deadline = time.monotonic() + timeout_s
+        for future in futures:
+            try:
+                future.exception(timeout=max(0.0, deadline - time.monotonic()))
+            except Exception:  # timed out or cancelled: the fetch decides
+                pass
+
+    def _track(self, keys: list[bytes], future: Future[Any]) -> None:
+        with self._storing_lock:
+            for key in keys:
+                self._storing[key] = future
+
+        def untrack(done: Future[Any]) -> None:
+            with self._storing_lock:
+                for key in keys:
+                    if self._storing.get(key) is done:
+                        del self._storing[key]
+
+        future.add_done_callback(untrack)
+
     # ---- saves -------------------------------------------------------------------------------------
     def wait_for_save(self, meta: KVTierMetadata) -> None:
         """End of step: start copying this step's saves out, never waiting for the device."""
+        meta = self.local(meta)
         self._layer_fences.clear()
         self._step_fence = None
         future = None
         if meta.saves and self.saver is not None and self.layout is not None:
             start = time.perf_counter()
-            if self.saves.held_bytes + len(meta.saves) * self.layout.block_bytes > self.saves.max_bytes:
-                self._drop_saves([key for key, _ in meta.saves])  # the store is behind: no copy either
+            keys = [key for key, _ in meta.saves]
+            if self.saves.held_bytes + len(keys) * self.layout.block_bytes > self.saves.max_bytes:
+                self._drop_saves(keys)  # the store is behind: no copy either
             else:
                 future = self.saver.issue(meta.saves, meta.save_reqs)
+                if future is not None:
+                    self._track(keys, future)  # a load of these keys waits for their copy and store
             self.counters.add(gather_time_s=time.perf_counter() - start)
         if self.scores is not None:  # attention scores, sinks, links: applied once this store has landed
             self.scores.on_step_end(meta.saves, meta.sinks, meta.links, future)
@@ -286,4 +350,7 @@ class WorkerSide:
         if cancelled:
             log.warning("kvtier: shutdown cancelled %d queued saves after %.0f s", cancelled, budget)
         self.load_pool.shutdown(wait=False, cancel_futures=True)
+        if self.placement is not None:
+            self.placement.flush(min(5.0, self.cfg.connector.save_timeout_s))
+            self.placement.close()
         self.stack.close()

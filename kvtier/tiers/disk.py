@@ -57,7 +57,7 @@ class DiskOptions:
 class DiskTier(Tier):
     kind = "disk"
     Options = DiskOptions
-    default_codec = "lz4"
+    default_codec = "planes"
     hit_source = "disk"
     persistent = True
     concurrent_reads = True  # files are replaced atomically (os.replace), so a read sees a whole record

@@ -90,7 +90,7 @@ def _block_of(name: str, idle: Any, size: Any) -> StoredBlock | None:
 class RedisTier(SharedTier):
     kind = "redis"
     Options = RedisOptions
-    default_codec = "lz4"
+    default_codec = "planes"
 
     def __init__(self, name: str, capacity: int, codec: BlockCodec, policy: EvictionPolicy,
                  options: RedisOptions) -> None:

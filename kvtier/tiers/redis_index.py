@@ -41,7 +41,7 @@ class RedisPrefixIndex:
         self.root = f"{key_prefix}:index"
         self.malformed = 0
 
-    def _hash(self, tier_name: str) -> str:
+    def hash_name(self, tier_name: str) -> str:
         return f"{self.root}:{tier_name}"
 
     def add(self, keys: Iterable[BlockKey], tier_name: str, sizes: Sequence[int] | None = None,
@@ -52,7 +52,7 @@ class RedisPrefixIndex:
         mapping: dict[Any, Any] = {k: (sizes[i] if sizes else 0) for i, k in enumerate(keys)}
         target = pipe if pipe is not None else self.client.pipeline(transaction=False)
         target.sadd(self.root, tier_name)
-        target.hset(self._hash(tier_name), mapping=mapping)
+        target.hset(self.hash_name(tier_name), mapping=mapping)
         if pipe is None:
             self._run(target.execute)
 
@@ -63,7 +63,7 @@ class RedisPrefixIndex:
         tiers = [tier_name] if tier_name else self.tiers()
         target = pipe if pipe is not None else self.client.pipeline(transaction=False)
         for name in tiers:
-            target.hdel(self._hash(name), *keys)
+            target.hdel(self.hash_name(name), *keys)
         if pipe is None:
             self._run(target.execute)
 
@@ -79,7 +79,7 @@ class RedisPrefixIndex:
             return found
         pipe = self.client.pipeline(transaction=False)
         for name in tiers:
-            pipe.hmget(self._hash(name), list(keys))
+            pipe.hmget(self.hash_name(name), list(keys))
         for name, sizes in zip(tiers, self._run(pipe.execute)):
             for key, size in zip(keys, sizes):
                 if size is not None:
@@ -89,7 +89,7 @@ class RedisPrefixIndex:
     def members(self, tier_name: str) -> Iterator[tuple[BlockKey, int]]:
         """Every (key, size) recorded for ``tier_name``. Entries that make no sense (a field that is not a
         16-byte key, a size that is not a positive integer) are skipped and counted in ``malformed``."""
-        items = self._run(lambda: list(self.client.hscan_iter(self._hash(tier_name), count=1000)))
+        items = self._run(lambda: list(self.client.hscan_iter(self.hash_name(tier_name), count=1000)))
         for key, size in items:
             parsed = _positive_int(size)
             if len(key) != KEY_SIZE or parsed is None:

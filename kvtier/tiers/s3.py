@@ -95,7 +95,7 @@ def make_s3_client(options: S3Options, for_loads: bool = False) -> Any:
 class S3Tier(SharedTier):
     kind = "s3"
     Options = S3Options
-    default_codec = "zstd"
+    default_codec = "planes"
 
     def __init__(self, name: str, capacity: int, codec: BlockCodec, policy: EvictionPolicy,
                  options: S3Options) -> None:

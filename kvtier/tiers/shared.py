@@ -69,6 +69,8 @@ class SharedTier(Tier):
         self.max_concurrency = max(1, max_concurrency)
         self.load_timeout_s = load_timeout_s
         self.malformed_entries = 0  # listing entries ignored because they made no sense (e.g. a bad size)
+        # Told what the backend gained ("add", key, size) and lost ("remove", key, 0): a live placement index.
+        self.listener: Callable[[str, BlockKey, int], None] | None = None
         self._reserved = 0  # bytes of puts in flight (bounded tiers): used + reserved <= capacity
         self._pool: ThreadPoolExecutor | None = None
         self._listing_is_complete = True  # False when ``entries`` reads a hint (a shared index), not the store
@@ -160,6 +162,7 @@ class SharedTier(Tier):
             if held or force:
                 try:
                     self._discard(key)
+                    self._tell("remove", key)
                 except TierError as exc:
                     self._note_failure("delete", exc)
         finally:
@@ -276,6 +279,7 @@ class SharedTier(Tier):
         self._mark_deleted(key)
         self._drop(key)
         self._mark_deleted(key)
+        self._tell("remove", key)
         return key, record
 
     def _release(self, key: BlockKey, reserved: int) -> None:
@@ -292,6 +296,14 @@ class SharedTier(Tier):
             self._used += size - self._sizes.get(key, 0)
             self._sizes[key] = size
             self.policy.on_insert(key, size)
+        self._tell("add", key, size)
+
+    def _tell(self, change: str, key: BlockKey, size: int = 0) -> None:
+        if self.listener is not None:
+            try:
+                self.listener(change, key, size)
+            except Exception as exc:  # a placement index is a hint: never fail storage over it
+                log.debug("%s: placement listener failed: %s", self.label, exc)
 
     def _adopt(self, key: BlockKey, size: int) -> bool:
         """Index a key another instance stored, if its size makes sense and it fits without evicting."""
@@ -323,6 +335,7 @@ class SharedTier(Tier):
                 self._unaccount(key)
             if held:
                 self._index_removed([key])
+            self._tell("remove", key)  # gone: an index that still lists it is cleaned up on this miss
             return None
         with self._lock:
             if key in self._sizes:

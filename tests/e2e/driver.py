@@ -37,6 +37,16 @@ def corrupt_files(directory: str) -> int:
     return len(files)
 
 
+def gate(directory: str, name: str, timeout_s: float = 900.0) -> None:
+    """Say ``ready-NAME`` and wait for the test to say ``go-NAME`` (engines that must run in a set order)."""
+    Path(directory, f"ready-{name}").touch()
+    deadline = time.monotonic() + timeout_s
+    while not Path(directory, f"go-{name}").exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no go-{name} within {timeout_s} s")
+        time.sleep(0.05)
+
+
 def main() -> None:
     spec = json.loads(sys.argv[1])
     from vllm import LLM, SamplingParams
@@ -49,7 +59,7 @@ def main() -> None:
             kv_connector="KVTierConnector", kv_role="kv_both", kv_connector_extra_config=spec["kvtier"])
     start = time.perf_counter()
     llm = LLM(model=spec["model"], dtype="bfloat16", max_model_len=4096, enforce_eager=True, seed=0,
-              block_size=128, **kwargs)
+              block_size=128, tensor_parallel_size=spec.get("tensor_parallel_size", 1), **kwargs)
     result: dict = {"startup_s": time.perf_counter() - start, "turns": []}
     sampling = SamplingParams(temperature=0, max_tokens=spec.get("max_tokens", 24), ignore_eos=True)
     system, questions = conversation(spec.get("seed", 0), spec.get("turns", 4), spec.get("system_len", 300),
@@ -57,11 +67,15 @@ def main() -> None:
     history = list(system)
     for step, question in enumerate(questions):
         prompt = history + question
+        if step in spec.get("gates", ()):
+            gate(spec["gate_dir"], str(step))
         if spec.get("corrupt_before_turn") == step:
             result["corrupted_files"] = corrupt_files(spec["disk_dir"])
+        started = time.perf_counter()
         out = llm.generate([TokensPrompt(prompt_token_ids=prompt)], sampling, use_tqdm=False)[0]
         answer = list(out.outputs[0].token_ids)
-        result["turns"].append({"prompt_len": len(prompt), "cached": out.num_cached_tokens, "output": answer})
+        result["turns"].append({"prompt_len": len(prompt), "cached": out.num_cached_tokens, "output": answer,
+                                "wall_s": round(time.perf_counter() - started, 4)})
         # Repeat the same prompt after vLLM's own prefix cache is emptied: only kvtier can serve it.
         if spec.get("repeat_after_reset"):
             time.sleep(spec.get("settle_s", 0.3))  # let async saves land

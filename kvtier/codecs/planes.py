@@ -1,0 +1,65 @@
+"""PlanesCodec: ZSTD on the high-byte plane of 16-bit KV values, the low-byte plane stored as it is.
+
+A bf16 value is 1 sign bit, 8 exponent bits and 7 mantissa bits. Its high byte (sign + 7 exponent bits) takes
+few distinct values across a KV block and codes to 2-3 bits; its low byte (1 exponent bit + 7 mantissa bits)
+is close to random: compressing it takes most of a codec's time and adds about 1% to the ratio.
+This codec splits the record into the two byte planes (kvtier.codecs.shuffle.split16), compresses only the
+high plane with ZSTD and merges the planes back with whole-array arithmetic.
+
+The ZSTD settings are fixed, from measurements on KV of a trained and a random-weight model
+(benchmarks/results/codecs.md): level 1 with a 2**10-entry match table. A small table finds fewer spurious
+short matches in this plane, so it compresses as well or better and encodes and decodes faster than the level's
+default table; levels 3 and 9 compressed the plane no better and encoded 2-12x slower. So a tier's
+``codec.level`` is ignored (as for lz4), and the constructor's arguments exist for the benchmark's sweep.
+
+Payload (little-endian): mode u8 (0: high plane raw, 1: a ZSTD frame) | high-plane length u32 | high plane |
+low plane (raw_size // 2 bytes) | the odd trailing byte, if any. Decoding checks every length against
+``raw_size`` before anything is allocated, and the ZSTD frame must declare exactly raw_size // 2 bytes.
+The plane split is the codec's own: the record-level ``shuffle`` flag must stay off (config refuses it).
+"""
+
+from __future__ import annotations
+
+import struct
+
+from kvtier.codecs.base import Codec
+from kvtier.codecs.shuffle import merge16, split16
+from kvtier.codecs.zstd import ZstdCodec
+from kvtier.errors import CodecError
+
+_HEAD = struct.Struct("<BI")
+MODE_RAW, MODE_ZSTD = 0, 1
+
+
+class PlanesCodec(Codec):
+    codec_id = 3
+    name = "planes"
+    splits_planes = True
+
+    def __init__(self, level: int = 1, hash_log: int | None = 10) -> None:
+        self._zstd = ZstdCodec(level, hash_log)  # validates both; per-thread compressors
+
+    def encode(self, data: bytes | memoryview) -> bytes:
+        low, high, tail = split16(data)
+        packed = self._zstd.encode(high)
+        mode, body = (MODE_ZSTD, packed) if len(packed) < len(high) else (MODE_RAW, high)
+        return b"".join((_HEAD.pack(mode, len(body)), body, low, tail))
+
+    def decode(self, payload: bytes | memoryview, raw_size: int) -> bytes:
+        view = memoryview(payload).cast("B")
+        if len(view) < _HEAD.size:
+            raise CodecError(f"planes: payload of {len(view)} bytes is shorter than its header")
+        mode, body_size = _HEAD.unpack_from(view)
+        half, odd = divmod(raw_size, 2)
+        if len(view) != _HEAD.size + body_size + half + odd:
+            raise CodecError(f"planes: payload is {len(view)} bytes; {body_size} + {raw_size - half} "
+                             f"+ {_HEAD.size} expected for {raw_size} raw bytes")
+        body_end = _HEAD.size + body_size
+        body = view[_HEAD.size:body_end]
+        if mode == MODE_ZSTD:
+            high: bytes | memoryview = self._zstd.decode(body, half)
+        elif mode == MODE_RAW and body_size == half:
+            high = body
+        else:
+            raise CodecError(f"planes: bad mode {mode} with a high plane of {body_size} bytes")
+        return merge16(view[body_end:body_end + half], high, view[body_end + half:])

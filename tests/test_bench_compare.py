@@ -1,0 +1,39 @@
+"""The benchmark's cross-configuration comparisons: paired-bootstrap intervals that contain the ratio and
+narrow with more requests, round-by-round throughput ratios, the kvtier share of reused tokens, and targets."""
+
+from __future__ import annotations
+
+import random
+
+from kvtier_bench.compare import compare, kvtier_share, throughput_ratio, ttft_ratio
+
+
+def run(ttft_scale: float, wall: float, seed: int, rounds: int = 3, requests: int = 40) -> dict:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(rounds):
+        reqs = [{"conv": c, "turn": 0, "arrival_s": 0.0, "token_s": [ttft_scale * rng.uniform(0.5, 1.5)]}
+                for c in range(requests)]
+        out.append({"requests": reqs, "wall_s": wall})
+    return {"rounds": out}
+
+
+def test_ttft_ratio_and_its_interval() -> None:
+    fast, slow = run(0.1, 10.0, 1), run(1.0, 20.0, 2)
+    r = ttft_ratio(fast, slow)
+    assert r["pairs"] == 120 and r["ci95"][0] <= r["ratio"] <= r["ci95"][1]
+    assert 0.05 < r["ci95"][0] and r["ci95"][1] < 0.2
+    wide = ttft_ratio(run(0.1, 10.0, 1, rounds=1, requests=8), run(1.0, 20.0, 2, rounds=1, requests=8))
+    assert wide["ci95"][1] - wide["ci95"][0] > r["ci95"][1] - r["ci95"][0]
+    assert throughput_ratio(fast, slow) == {"ratio": 2.0, "range": [2.0, 2.0], "rounds": 3}
+
+
+def test_targets_are_checked_per_kvtier_configuration() -> None:
+    raws = {"reference": run(0.09, 10.0, 3), "vllm-prefix": run(1.0, 20.0, 4), "kvtier-dram": run(0.1, 10.0, 5)}
+    rows = [{"name": n, "status": "ok", "summary": {"hit_tokens_by_tier": {"vllm": 300, "dram": 700}}} for n in raws]
+    [entry] = compare(rows, raws)
+    assert entry["name"] == "kvtier-dram" and entry["kvtier_share"] == 0.7
+    met = {t["target"]: t["met"] for t in entry["targets"]}
+    assert met == {"TTFT p50 vs vllm-prefix": True, "TTFT p50 vs reference": True,
+                   "throughput vs vllm-prefix": True, "share of reused tokens from kvtier": True}
+    assert kvtier_share({"hit_tokens_by_tier": {"vllm": 0}}) is None
