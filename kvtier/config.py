@@ -66,6 +66,14 @@ class ConnectorConfig:
     save_timeout_s: float = bounded(60.0, 0.0)  # how long shutdown waits for queued saves before dropping them
     # Host copies of blocks waiting to be stored; beyond this, new saves are dropped (and counted).
     max_pending_save_bytes: Size = bounded(Size(1 << 30), 0, MAX_SIZE)
+    # The host staging pool every device copy goes through (pinned on CUDA), allocated once at start-up and
+    # cut into chunks of ``staging_chunk_bytes`` (kvtier/transfer/staging.py); saves use at most half of it, so
+    # half of it bounds the bytes one step can save (a prefill step of 8k tokens of an 8B model saves 1 GiB).
+    staging_bytes: Size = bounded(Size(1 << 30), 1, MAX_SIZE)
+    staging_chunk_bytes: Size = bounded(Size(16 << 20), 1, MAX_SIZE)
+    # Sync loads: let each attention layer wait for its own layer's copy (needs piecewise CUDA graphs) instead
+    # of the whole load before the forward.
+    layerwise_load: bool = False
 
 
 @dataclass(frozen=True)

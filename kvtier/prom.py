@@ -63,7 +63,11 @@ CONNECTOR_COUNTERS: dict[str, tuple[str, str]] = {
     "save_failed_blocks": ("kvtier_save_failed_blocks", "Blocks no tier accepted."),
     "saved_bytes": ("kvtier_saved_bytes", "Raw KV bytes saved into the store."),
     "save_time_s": ("kvtier_save_seconds", "Time spent encoding and storing saved blocks (worker threads)."),
-    "gather_time_s": ("kvtier_gather_seconds", "Time spent copying saved blocks out of vLLM's KV cache."),
+    "gather_time_s": ("kvtier_gather_seconds", "Time wait_for_save spent issuing the copies of saved blocks."),
+    "save_dropped_blocks": ("kvtier_save_dropped_blocks", "Saves dropped (no staging or queue room, failed copy)."),
+    "staging_dropped_blocks": ("kvtier_staging_dropped_blocks", "Saves dropped: the staging save share was full."),
+    "staging_waits": ("kvtier_staging_waits", "Loads that found the staging pool full and waited for room."),
+    "staging_timeouts": ("kvtier_staging_timeouts", "Loads that found no staging room in time (recomputed)."),
 }
 # Worker counter "<name>.<tier>" -> per-tier metric.
 PER_TIER_CONNECTOR: dict[str, tuple[str, str]] = {

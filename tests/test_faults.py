@@ -117,6 +117,9 @@ def test_saves_to_a_stalled_store_are_bounded_dropped_and_counted_and_shutdown_i
             side.wait_for_save(KVTierMetadata(saves=[(key(2 * step), 1), (key(2 * step + 1), 2)]))
             assert side.saves.held_bytes <= bound
         assert time.perf_counter() - start < 2.0  # an engine step never waits on the store
+        # Copies in flight are bounded by the staging pool; once they are done they find the queue full too.
+        assert side.saver is not None and side.saver.flush(1.0)
+        assert side.saves.held_bytes <= bound
         assert side.counters.values().get("save_dropped_blocks", 0) >= 80 - 8
         start = time.perf_counter()
         side.shutdown()
@@ -132,12 +135,12 @@ def test_a_load_that_fails_in_any_way_reports_every_block(tmp_path: Path, is_asy
     keys = [key(i) for i in range(3)]
     side.wait_for_save(KVTierMetadata(saves=[(k, i + 1) for i, k in enumerate(keys)]))
     side.drain()
-    assert side.layout is not None
+    assert side.loader is not None
 
-    def broken_scatter(*args: Any) -> None:
+    def broken_copy(*args: Any) -> None:
         raise RuntimeError("device copy failed")
 
-    side.layout.scatter = broken_scatter  # type: ignore[method-assign]
+    side.loader.copy = broken_copy  # type: ignore[method-assign]
     side.start_load_kv(KVTierMetadata(loads=[LoadSpec("r", keys, [20, 21, 22], is_async=is_async)]))
     if is_async:
         deadline = time.monotonic() + 10

@@ -161,6 +161,44 @@ def test_a_reset_moves_every_new_request_to_fresh_keys(tmp_path) -> None:  # typ
     assert not set(before) & set(after)
 
 
+# ---- delayed block release (kvtier/connector/saving.py) ------------------------------------------------------
+
+def test_a_request_with_saves_delays_its_release_and_the_workers_are_told(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    s = side(tmp_path)
+    a, b = request("a", list(range(13))), request("b", list(range(100, 102)))  # b has no full block
+    for req, ids in ((a, [5, 6, 7, 8]), (b, [9])):
+        s.get_num_new_matched_tokens(req, 0)
+        s.update_state_after_alloc(req, blocks(ids), 0)
+    new = [SimpleNamespace(req_id="a", block_ids=([5, 6, 7, 8],), num_computed_tokens=0),
+           SimpleNamespace(req_id="b", block_ids=([9],), num_computed_tokens=0)]
+    meta = s.build_connector_meta(sched_output(new=new, scheduled={"a": 13, "b": 2}))
+    assert meta.save_reqs == ["a"] and len(meta.saves) == 3
+    assert s.request_finished(a) is True  # its blocks may still be read by the copy
+    assert s.request_finished(b) is False  # nothing reads its blocks
+    nxt = s.build_connector_meta(sched_output())
+    assert nxt.release_after_saves == ["a"] and nxt.saves == []
+    assert s.build_connector_meta(sched_output()).release_after_saves == []  # announced once
+
+
+def test_preempted_or_reallocated_requests_no_longer_delay_their_release(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    s = side(tmp_path)
+    a, c = request("a", list(range(13))), request("c", list(range(200, 213)))
+    for req, ids, rid in ((a, [5, 6, 7, 8], "a"), (c, [1, 2, 3, 4], "c")):
+        s.get_num_new_matched_tokens(req, 0)
+        s.update_state_after_alloc(req, blocks(ids), 0)
+        s.build_connector_meta(sched_output(new=[SimpleNamespace(req_id=rid, block_ids=(ids,), num_computed_tokens=0)],
+                                            scheduled={rid: 13}))
+    # a is preempted: vLLM freed its blocks already (the workers fence the copies out of them).
+    so = sched_output()
+    so.preempted_req_ids = {"a"}
+    assert s.build_connector_meta(so).preempted == ["a"]
+    assert s.request_finished(a) is False
+    # c is preempted and allocated again, waiting for an async load when it is aborted: its new blocks were never
+    # saved, and vLLM frees them when the load reports (a True here would free them twice).
+    s.update_state_after_alloc(c, blocks([10, 11, 12, 13]), 0)
+    assert s.request_finished(c) is False
+
+
 def test_with_two_ranks_a_block_is_a_hit_only_when_both_shards_are_held(tmp_path) -> None:  # type: ignore[no-untyped-def]
     from kvtier.keys import rank_key
 

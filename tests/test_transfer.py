@@ -1,34 +1,74 @@
-"""KVLayout gather/scatter on CPU tensors in both the CPU layout and a flash-attention layout: exact bytes."""
+"""KVLayout, StagingPool and KVCopier on CPU tensors, in the CPU layout, a flash-attention layout, a permuted
+view and layers of different shapes: exact bytes, the record format, bounded staging."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
-from kvtier.transfer import KVLayout
+from kvtier.errors import ConfigError
+from kvtier.transfer import KVCopier, KVLayout, StagingPool, StagingTimeout
 
 NUM_BLOCKS = 6
 
 
 def caches(layout: str) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(0)
+    if layout == "permuted":  # stored [blocks, 2, heads, block, head], handed over as [2, blocks, block, heads, head]
+        raw = [torch.randn(NUM_BLOCKS, 2, 2, 16, 32, generator=gen).to(torch.bfloat16) for _ in range(3)]
+        return {f"layers.{i}.attn": t.permute(1, 0, 3, 2, 4) for i, t in enumerate(raw)}
+    if layout == "mixed":  # layers of different widths
+        return {f"layers.{i}.attn": torch.randn(NUM_BLOCKS, 2, 16, 32 * (i + 1), generator=gen).to(torch.bfloat16)
+                for i in range(3)}
     shape = (NUM_BLOCKS, 2, 16, 64) if layout == "cpu" else (2, NUM_BLOCKS, 16, 2, 32)
     return {f"layers.{i}.attn": torch.randn(shape, generator=gen).to(torch.bfloat16) for i in range(3)}
 
 
-@pytest.mark.parametrize("layout", ["cpu", "flash"])
-def test_gather_then_scatter_moves_exact_blocks(layout: str) -> None:
+def block_dim(layout: str) -> int:
+    return 1 if layout in ("flash", "permuted") else 0
+
+
+def copier(kv: dict[str, torch.Tensor], path: str = "direct", chunk_blocks: int = 2, slots: int = 4) -> KVCopier:
+    """``direct``: the CPU build's copies; ``buffered``: the CUDA path's (layer groups through a device buffer),
+    here on CPU; ``grouped``: that with a buffer of one layer, so every layer moves in its own copy."""
+    layout = KVLayout(kv, NUM_BLOCKS)
+    per_slot = chunk_blocks * (layout.block_bytes + 8)
+    pool = StagingPool(layout.block_bytes, slots * per_slot + 8, chunk_blocks * layout.block_bytes, pin=False,
+                       wait_s=0.2)
+    small = chunk_blocks * layout.max_layer_bytes if path == "grouped" else None
+    return KVCopier(layout, pool, buffered=path != "direct", buffer_bytes=small)
+
+
+def reference(kv: dict[str, torch.Tensor], dim: int, ids: list[int]) -> np.ndarray:
+    """The record format, computed independently: each layer's block in logical order, layers concatenated."""
+    return np.stack([torch.cat([t.select(dim, b).contiguous().view(torch.uint8).flatten() for t in kv.values()])
+                     .numpy() for b in ids])
+
+
+@pytest.mark.parametrize("path", ["direct", "buffered", "grouped"])
+@pytest.mark.parametrize("layout", ["cpu", "flash", "permuted", "mixed"])
+def test_save_then_load_moves_exact_blocks_in_the_record_format(layout: str, path: str) -> None:
     src = caches(layout)
     dst = {name: torch.zeros_like(t) for name, t in src.items()}
-    block_dim = 0 if layout == "cpu" else 1
-    host = KVLayout(src, NUM_BLOCKS).gather([4, 1])
-    assert host.shape == (2, KVLayout(src, NUM_BLOCKS).block_bytes)
-    KVLayout(dst, NUM_BLOCKS).scatter([0, 5], host)  # block 4 -> 0, block 1 -> 5
+    dim = block_dim(layout)
+    ids = [4, 1, 5, 0, 2]  # unsorted, more than one chunk, the last one partly filled
+    records = copier(src, path).save_now(ids)
+    assert np.array_equal(records, reference(src, dim, ids))
+    copier(dst, path).load_now([0, 5, 3, 1, 2], records)  # block 4 -> 0, 1 -> 5, 5 -> 3, 0 -> 1, 2 -> 2
     for name in src:
-        assert torch.equal(dst[name].select(block_dim, 0), src[name].select(block_dim, 4))
-        assert torch.equal(dst[name].select(block_dim, 5), src[name].select(block_dim, 1))
-        for untouched in (1, 2, 3, 4):
-            assert not dst[name].select(block_dim, untouched).any()
+        for s, d in ((4, 0), (1, 5), (5, 3), (0, 1), (2, 2)):
+            assert torch.equal(dst[name].select(dim, d), src[name].select(dim, s))
+        assert not dst[name].select(dim, 4).any()
+
+
+def test_layers_are_grouped_into_copies_of_bounded_size() -> None:
+    layout = KVLayout(caches("mixed"), NUM_BLOCKS)  # layer blocks of 2, 4 and 6 KiB
+    assert [layer.nbytes for layer in layout.layers] == [2048, 4096, 6144]
+    assert layout.groups(2, 1) == [range(0, 1), range(1, 2), range(2, 3)]  # one layer at least
+    assert layout.groups(2, 12 << 10) == [range(0, 2), range(2, 3)]
+    assert layout.groups(1, 1 << 20) == [range(0, 3)]
+    assert layout.span(2, range(1, 3)) == (2 * 2048, 2 * (2048 + 4096 + 6144))
 
 
 def test_block_dim_is_found_from_num_blocks() -> None:
@@ -38,7 +78,24 @@ def test_block_dim_is_found_from_num_blocks() -> None:
         KVLayout({"l": torch.zeros(2, NUM_BLOCKS, 16)}, 7)
 
 
-def test_scatter_rejects_wrong_buffer_shape() -> None:
+def test_load_rejects_records_of_the_wrong_shape() -> None:
+    with pytest.raises(ValueError, match="records shape"):
+        copier(caches("cpu")).load_now([0], np.zeros((1, 3), dtype=np.uint8))
+
+
+def test_staging_pool_is_bounded_saves_take_half_and_loads_wait_then_time_out() -> None:
     layout = KVLayout(caches("cpu"), NUM_BLOCKS)
-    with pytest.raises(ValueError, match="host buffer shape"):
-        layout.scatter([0], torch.zeros(1, 3, dtype=torch.uint8))
+    pool = StagingPool(layout.block_bytes, 4 * 2 * (layout.block_bytes + 8) + 8, 2 * layout.block_bytes, pin=False,
+                       wait_s=0.2)
+    assert (pool.count, pool.chunk_blocks, pool.save_limit) == (4, 2, 2)
+    saves = pool.try_acquire_for_save(3)
+    assert len(saves) == 2 and pool.try_acquire_for_save(1) == []  # saves never take more than half
+    loads = pool.acquire(5)
+    assert len(loads) == 2 and pool.in_use == 4  # what was free, never more than the pool
+    with pytest.raises(StagingTimeout):
+        pool.acquire(1)
+    assert pool.waits == 1 and pool.timeouts == 1
+    pool.release(saves)
+    assert len(pool.try_acquire_for_save(2)) == 2
+    with pytest.raises(ConfigError, match="connector.staging_bytes"):
+        StagingPool(layout.block_bytes, layout.block_bytes, layout.block_bytes, pin=False)

@@ -49,6 +49,15 @@ def _parallel_rank(world: int) -> int:
     return int(get_tensor_model_parallel_rank())
 
 
+def frees_running_blocks(kv_cache_config: KVCacheConfig | None) -> bool:
+    """Whether vLLM may free blocks of a running request (sliding-window, chunked-local, gapped attention...):
+    then every step is ordered after the save copies in flight. Only plain full attention never does."""
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, MLAAttentionSpec
+
+    groups = kv_cache_config.kv_cache_groups if kv_cache_config is not None else []
+    return any(type(group.kv_cache_spec) not in (FullAttentionSpec, MLAAttentionSpec) for group in groups)
+
+
 def load_config(extra: dict[str, Any] | None) -> KVTierConfig:
     extra = dict(extra or {})
     path = extra.pop("config", None) or os.environ.get("KVTIER_CONFIG")
@@ -90,7 +99,12 @@ class KVTierConnector(KVConnectorBase_V1):
             from kvtier.connector.worker import WorkerSide
 
             num_blocks = kv_cache_config.num_blocks if kv_cache_config is not None else None
-            self._worker = WorkerSide(self.cfg, num_blocks, rank=_parallel_rank(world), world=world)
+            self._worker = WorkerSide(self.cfg, num_blocks, rank=_parallel_rank(world), world=world,
+                                      fence_every_step=frees_running_blocks(kv_cache_config))
+
+    @classmethod
+    def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:
+        return load_config(extra_config).connector.layerwise_load  # per-layer waits must run between pieces
 
     @property
     def requires_kv_delivery(self) -> bool:
@@ -108,12 +122,18 @@ class KVTierConnector(KVConnectorBase_V1):
         assert isinstance(meta, KVTierMetadata)
         self._worker.start_load_kv(meta)
 
+    def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
+        assert self._worker is not None
+        if isinstance(kv_connector_metadata, KVTierMetadata):
+            self._worker.handle_preemptions(kv_connector_metadata)
+
     def wait_for_layer_load(self, layer_name: str) -> None:
-        return None  # loads complete in start_load_kv (sync) or are reported through get_finished (async)
+        assert self._worker is not None
+        self._worker.wait_for_layer_load(layer_name)
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: AttentionMetadata,
                       **kwargs: Any) -> None:
-        return None  # whole blocks are gathered once per step in wait_for_save
+        return None  # whole blocks are copied out once per step in wait_for_save
 
     def wait_for_save(self) -> None:
         assert self._worker is not None
@@ -124,7 +144,8 @@ class KVTierConnector(KVConnectorBase_V1):
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         assert self._worker is not None
-        return self._worker.get_finished(finished_req_ids)
+        meta = self._get_connector_metadata() if self.has_connector_metadata() else None
+        return self._worker.get_finished(finished_req_ids, meta if isinstance(meta, KVTierMetadata) else None)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._worker.take_load_errors() if self._worker is not None else set()
@@ -197,9 +218,10 @@ class KVTierConnector(KVConnectorBase_V1):
             self._scheduler.update_connector_output(connector_output.kv_connector_worker_meta)
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
-        if self._scheduler is not None:
-            self._scheduler.request_finished(request)
-        return False, None  # blocks were copied out at the end of the step that computed them
+        # True: vLLM keeps the blocks until the worker reports the request in finished_sending, once the
+        # copies out of them are done (kvtier/connector/saving.py).
+        delay = self._scheduler.request_finished(request) if self._scheduler is not None else False
+        return delay, None
 
     def reset_cache(self) -> bool | None:
         return self._scheduler.reset_cache() if self._scheduler is not None else None

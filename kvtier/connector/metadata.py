@@ -1,12 +1,28 @@
-"""What the scheduler-side connector sends the worker each step, what the worker sends back, and stats."""
+"""What the scheduler-side connector sends the worker each step, what the worker sends back, and stats.
+
+The classes derive from vLLM's when vLLM is installed. Without it (the GPU check, scripts/gpu-check.sh, drives
+the worker side on machines that have PyTorch but no vLLM) they derive from plain stand-ins of the same shape.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
 
-from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata, KVConnectorWorkerMetadata
-from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
+try:
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata, KVConnectorWorkerMetadata
+    from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
+except ImportError:  # no vLLM here: only the worker side runs, driven directly
+    class KVConnectorMetadata:  # type: ignore[no-redef]
+        pass
+
+    class KVConnectorWorkerMetadata:  # type: ignore[no-redef]
+        def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
+            raise NotImplementedError
+
+    @dataclass
+    class KVConnectorStats:  # type: ignore[no-redef]
+        data: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -26,6 +42,12 @@ class KVTierMetadata(KVConnectorMetadata):
     # (attention sinks) and (child, parent) prefix links of the blocks saved this step.
     sinks: list[bytes] = field(default_factory=list)
     links: list[tuple[bytes, bytes]] = field(default_factory=list)
+    # Delayed block release (kvtier/connector/saving.py): the requests that own this step's saves, the requests
+    # whose blocks vLLM keeps until the worker reports them in finished_sending (request_finished returned
+    # True), and the requests preempted since the last step (their freed blocks may be rewritten this step).
+    save_reqs: list[str] = field(default_factory=list)
+    release_after_saves: list[str] = field(default_factory=list)
+    preempted: list[str] = field(default_factory=list)
 
 
 @dataclass

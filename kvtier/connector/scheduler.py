@@ -32,6 +32,7 @@ class _ReqState:
     next_save_block: int = 0
     hit_tiers: dict[str, int] = field(default_factory=dict)
     saves_planned: int = 0
+    saving: bool = False  # saves planned since its blocks were allocated: delay their release (saving.py)
     asked_shared: int = 0  # blocks already looked up in the shared index (asked once per request and length)
 
 
@@ -49,6 +50,7 @@ class SchedulerSide:
         self._reqs: dict[str, _ReqState] = {}
         self._loads: list[LoadSpec] = []
         self._clear_next = False
+        self._releases: list[str] = []  # finished requests whose block release waits for their save copies
         self.shared = self._shared_index(cfg)
 
     @staticmethod
@@ -122,6 +124,7 @@ class SchedulerSide:
 
     def update_state_after_alloc(self, request: Request, blocks: Any, num_external_tokens: int) -> None:
         state = self._state(request)
+        state.saving = False  # new blocks (first allocation, or after a preemption): no copy reads them yet
         if num_external_tokens == 0 or state.pending_load is None:
             state.pending_load = None
             return
@@ -144,9 +147,14 @@ class SchedulerSide:
 
     # ---- per-step plan -----------------------------------------------------------------------------
     def build_connector_meta(self, so: SchedulerOutput) -> KVTierMetadata:
-        meta = KVTierMetadata(loads=self._loads, clear_store=self._clear_next)
+        meta = KVTierMetadata(loads=self._loads, clear_store=self._clear_next, release_after_saves=self._releases,
+                              preempted=sorted(getattr(so, "preempted_req_ids", None) or ()))
         self._loads = []
         self._clear_next = False
+        self._releases = []
+        for req_id in meta.preempted:  # their blocks are freed; the worker fences the copies out of them
+            if req_id in self._reqs:
+                self._reqs[req_id].saving = False
         for new in so.scheduled_new_reqs:
             state = self._reqs.get(new.req_id)
             if state is None:
@@ -184,6 +192,9 @@ class SchedulerSide:
                 continue
             self.pending_saves.update(shards)
             meta.saves.append((key, state.block_ids[b]))
+            if not meta.save_reqs or meta.save_reqs[-1] != request.request_id:
+                meta.save_reqs.append(request.request_id)  # the copies of this step read its blocks
+            state.saving = True
             if b == 0:  # sink and prefix links, for attention-aware policies
                 meta.sinks.append(key)
             else:
@@ -199,13 +210,18 @@ class SchedulerSide:
             self.pending_saves.discard(key)
         self.index.apply(worker_meta.events)
 
-    def request_finished(self, request: Request) -> None:
+    def request_finished(self, request: Request) -> bool:
+        """True when vLLM must keep the request's blocks until the worker reports it in finished_sending:
+        copies out of them may still be in flight (announced to the workers in the next step's metadata)."""
         state = self._reqs.pop(request.request_id, None)
+        if state is not None and state.saving:
+            self._releases.append(request.request_id)
         if state is not None and log.isEnabledFor(logging.DEBUG):
             log.debug("request %s: %s", request.request_id, json.dumps({
                 "prompt_tokens": request.num_prompt_tokens, "output_tokens": request.num_output_tokens,
                 "hit_tokens_by_tier": state.hit_tiers, "blocks_saved": state.saves_planned,
                 "index_blocks": len(self.index)}))
+        return state is not None and state.saving
 
     def shutdown(self) -> None:
         if self.shared is not None:

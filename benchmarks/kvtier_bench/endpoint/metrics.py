@@ -25,7 +25,9 @@ CONNECTOR = {
     "kvtier_loaded_bytes_total": "loaded_bytes", "kvtier_load_seconds_total": "load_time_s",
     "kvtier_saved_blocks_total": "saved_blocks", "kvtier_save_failed_blocks_total": "save_failed_blocks",
     "kvtier_saved_bytes_total": "saved_bytes", "kvtier_save_seconds_total": "save_time_s",
-    "kvtier_gather_seconds_total": "gather_time_s",
+    "kvtier_gather_seconds_total": "gather_time_s", "kvtier_save_dropped_blocks_total": "save_dropped_blocks",
+    "kvtier_staging_dropped_blocks_total": "staging_dropped_blocks", "kvtier_staging_waits_total": "staging_waits",
+    "kvtier_staging_timeouts_total": "staging_timeouts",
 }
 # kvtier_tier_loaded_blocks_total{tier=T} -> the worker's counter "loaded_blocks.T".
 PER_TIER_CONNECTOR = {"kvtier_tier_loaded_blocks_total": "loaded_blocks"}
