@@ -172,6 +172,9 @@ def reset_caches(llm: Any) -> None:
     for _ in range(100):  # fails while a block is still held; saves drain within a step or two
         if llm.reset_prefix_cache(reset_connector=True):
             return
+        # A finished request's blocks stay held until the worker reports its save copies done, which happens
+        # in an engine step: in-process, nothing steps unless we do.
+        llm.llm_engine.step()
         time.sleep(0.1)
     raise RuntimeError("reset_prefix_cache kept failing")
 
