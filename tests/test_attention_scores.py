@@ -148,7 +148,8 @@ def test_capture_scores_a_prefill_exactly_and_a_later_decode_from_summaries() ->
     mass = direct_block_mass(q[16:20], torch.arange(16, 20), k[:20], BS, SCALE).float()
     want = relative_scores(mass, torch.ones(3, dtype=torch.bool))
     assert rewritten == {5, 9, 2}
-    assert [scores[b] for b in blocks] == pytest.approx(want.tolist(), rel=1e-4)  # same in both layers
+    for layer in (0, 1):  # one score per layer; the fake layers see the same q and k
+        assert [scores[b][layer] for b in blocks] == pytest.approx(want.tolist(), rel=1e-4)
     assert layers["l0"].impl.calls == 1
     # Step 1: one decode token; not sampled (every 2 steps), but its key is folded into block 2's summary.
     run_layers(layers, step_meta([(blocks, 20, 1)]), q[20:21], k[20:21])
@@ -158,8 +159,9 @@ def test_capture_scores_a_prefill_exactly_and_a_later_decode_from_summaries() ->
     run_layers(layers, step_meta([(blocks, 21, 1)]), q[21:22], k[21:22])
     scores, _ = capture.end_step()
     mass = direct_block_mass(q[21:22], torch.tensor([21]), k[:22], BS, SCALE).float()
-    assert [scores[b] for b in blocks] == pytest.approx(relative_scores(mass, torch.ones(3, dtype=torch.bool)).tolist(),
-                                                        rel=1e-3)
+    want = relative_scores(mass, torch.ones(3, dtype=torch.bool))
+    for layer in (0, 1):
+        assert [scores[b][layer] for b in blocks] == pytest.approx(want.tolist(), rel=1e-3)
     assert capture.counters["prior_blocks_exact"] == 3 and capture.counters["prior_blocks_summary"] == 0
 
 
@@ -172,7 +174,7 @@ def test_without_key_memory_earlier_blocks_fall_back_to_summaries() -> None:
     capture.end_step()
     run_layers(layers, step_meta([([5, 9, 2], 20, 1)]), q[20:21], k[20:21])
     scores, _ = capture.end_step()
-    assert set(scores) == {5, 9, 2} and sum(scores.values()) == pytest.approx(3.0, rel=1e-4)
+    assert set(scores) == {5, 9, 2} and sum(s[0] for s in scores.values()) == pytest.approx(3.0, rel=1e-4)
     assert capture.counters["prior_blocks_summary"] == 3
 
 
@@ -185,8 +187,8 @@ def test_request_credit_shares_the_mean_over_full_blocks_after_the_sink() -> Non
     scores, _ = capture.end_step()
     own = relative_scores(direct_block_mass(q[26:], torch.arange(26, 30), k, BS, SCALE).float(),
                           torch.ones(4, dtype=torch.bool)).tolist()
-    assert scores[5] == pytest.approx(own[0], rel=1e-4) and scores[7] == pytest.approx(own[3], rel=1e-4)
-    assert scores[9] == pytest.approx((own[1] + own[2]) / 2, rel=1e-4) == pytest.approx(scores[2], rel=1e-6)
+    assert scores[5][0] == pytest.approx(own[0], rel=1e-4) and scores[7][0] == pytest.approx(own[3], rel=1e-4)
+    assert scores[9][0] == pytest.approx((own[1] + own[2]) / 2, rel=1e-4) == pytest.approx(scores[2][0], rel=1e-6)
 
 
 @pytest.mark.parametrize("key_memory", [0, 2 * 5 * 2 * BS * 2 * 16 * 4, 1 << 20])  # no / some / all keys held
@@ -194,7 +196,7 @@ def test_batched_decode_scores_equal_scoring_one_request_at_a_time(key_memory: i
     """Decode requests in one step are scored in one batched pass; it must give what the per-request
     path gives, with earlier blocks held exactly, summarised, partial and freshly started."""
 
-    def run(batch: bool) -> tuple[list[dict[int, float]], dict[str, float]]:
+    def run(batch: bool) -> tuple[list[dict[int, tuple[float, ...]]], dict[str, float]]:
         layers = {"l0": FakeLayer(), "l1": FakeLayer()}
         capture = AttentionCapture("window", window=4, every_n_steps=1, block_size=BS, num_blocks=64,
                                    key_memory=key_memory, credit="request")
@@ -216,7 +218,8 @@ def test_batched_decode_scores_equal_scoring_one_request_at_a_time(key_memory: i
     batched, counters_batched = run(batch=True)
     for expected, got in zip(one_by_one, batched, strict=True):
         assert set(got) == set(expected)
-        assert [got[b] for b in sorted(got)] == pytest.approx([expected[b] for b in sorted(got)], rel=1e-4)
+        assert [v for b in sorted(got) for v in got[b]] == pytest.approx(
+            [v for b in sorted(got) for v in expected[b]], rel=1e-4)
     for name in ("prior_blocks_exact", "prior_blocks_summary", "sampled_requests"):
         assert counters_batched[name] == counters_one[name], name
     if key_memory == 0:

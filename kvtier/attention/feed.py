@@ -85,7 +85,7 @@ class ScoreFeed:
                     store: Future[None] | None) -> None:
         """The end of a step: the blocks saved in it, first blocks of sequences and prefix links (child,
         parent) among them; scores apply once ``store`` (the save of those blocks) has landed."""
-        scores: dict[bytes, float] = {}
+        scores: dict[bytes, tuple[float, ...]] = {}
         if self.capture is not None:
             by_block, rewritten = self.capture.end_step()
             for block_id in rewritten:
@@ -103,7 +103,8 @@ class ScoreFeed:
         else:
             store.add_done_callback(lambda _f: self._apply(scores, sinks, links))
 
-    def _apply(self, scores: dict[bytes, float], sinks: list[bytes], links: list[tuple[bytes, bytes]]) -> None:
+    def _apply(self, scores: dict[bytes, tuple[float, ...]], sinks: list[bytes],
+               links: list[tuple[bytes, bytes]]) -> None:
         try:
             if scores:
                 self.stack.update_scores(scores)

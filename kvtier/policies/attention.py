@@ -30,7 +30,7 @@ from itertools import islice
 from typing import Any
 
 from kvtier.keys import BlockKey
-from kvtier.policies.base import EvictionPolicy
+from kvtier.policies.base import EvictionPolicy, Score, score_value
 
 # (rank, tick of the last insert/access, key): lower is evicted first; among equal ranks the least recent.
 _Entry = tuple[float, int, BlockKey]
@@ -92,12 +92,14 @@ class AttentionPolicy(EvictionPolicy):
         if key in self._sizes:
             self._forget(key)
 
-    def update_scores(self, scores: Mapping[BlockKey, float]) -> None:
-        """Add reported attention mass (negative or NaN values count as 0); untracked keys are ignored."""
+    def update_scores(self, scores: Mapping[BlockKey, Score]) -> None:
+        """Add reported attention mass (a per-layer score counts its mean; negative or NaN values count as 0);
+        untracked keys are ignored."""
         now = self._clock()
         for key, score in scores.items():
             if key in self._sizes:
-                self._add_score(key, score if score > 0 and math.isfinite(score) else 0.0, now)
+                value = score_value(score)
+                self._add_score(key, value if value > 0 and math.isfinite(value) else 0.0, now)
                 self._refresh(key)
 
     def mark_sink(self, keys: Iterable[BlockKey]) -> None:

@@ -30,6 +30,7 @@ from kvtier.tiers.base import Tier, Victim
 
 if TYPE_CHECKING:
     from kvtier.config import KVTierConfig
+    from kvtier.policies.base import Score
 
 log = logging.getLogger(__name__)
 Found = tuple[bytes, str]  # verified raw bytes and the name of the tier that served them
@@ -291,7 +292,7 @@ class TierStack:
             return self._transit.get(key)
 
     # ---- attention feedback (kvtier.attention): forwarded to every tier's policy under its lock ------
-    def update_scores(self, scores: Mapping[BlockKey, float]) -> None:
+    def update_scores(self, scores: Mapping[BlockKey, Score]) -> None:
         for tier in self.tiers:
             tier.with_policy(lambda policy: policy.update_scores(scores))
 
