@@ -71,4 +71,5 @@ POLICIES: Registry[Any] = Registry("policy", "kvtier.policies.base:EvictionPolic
     "lfu": "kvtier.policies.lfu:LFUPolicy",
     "arc": "kvtier.policies.arc:ARCPolicy",
     "attention": "kvtier.policies.attention:AttentionPolicy",
+    "attention-arc": "kvtier.policies.attention_arc:AttentionARCPolicy",
 })

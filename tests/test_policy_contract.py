@@ -35,7 +35,9 @@ class FakeClock:
 
 
 def _contract_params(name: str) -> dict[str, Any]:
-    return {"protect_recent": 0, "clock": FakeClock()} if name == "attention" else {}
+    if name == "attention":
+        return {"protect_recent": 0, "clock": FakeClock()}
+    return {"protect_recent": 0} if name == "attention-arc" else {}
 
 
 def make(name: str, **params: Any) -> EvictionPolicy:
