@@ -1,4 +1,4 @@
-"""The attention-aware ARC policy (kvtier/policies/attention_arc.py) and its reuse gate (reuse_gate.py).
+"""The ``attention`` policy (attention-aware ARC, kvtier/policies/attention_arc.py) and its reuse gate.
 
 The generic contract (atomic evict, protection, sizes) runs in test_policy_contract.py for every registered
 policy; here: it is exactly ARC when no scores and no links arrive, tails go before prefixes (also across T1 and
@@ -26,7 +26,7 @@ def k(i: int) -> bytes:
 
 
 def policy(**params: Any) -> AttentionARCPolicy:
-    made = make_policy(PolicyConfig(name="attention-arc", params=params))
+    made = make_policy(PolicyConfig(name="attention", params=params))
     assert isinstance(made, AttentionARCPolicy)
     return made
 
@@ -225,7 +225,7 @@ def test_score_helpers() -> None:
                                               ("max_ghosts", 1.5), ("gate_min_reuses", True)])
 def test_rejects_bad_params_naming_them(param: str, value: Any) -> None:
     with pytest.raises(ConfigError, match=param):
-        make_policy(PolicyConfig(name="attention-arc", params={param: value}))
+        make_policy(PolicyConfig(name="attention", params={param: value}))
 
 
 def _evictable(key: bytes, blocked: set[bytes], children: dict[bytes, set[bytes]]) -> bool:

@@ -262,7 +262,7 @@ def feed_with_blocks(stack: TierStack, nblocks: int) -> tuple[ScoreFeed, Attenti
 
 
 def test_scores_sinks_and_links_reach_the_policy_and_protections_hold() -> None:
-    stack = dram_stack({"name": "attention", "protect_recent": 0, "half_life_s": 1e9}, blocks=4)
+    stack = dram_stack({"name": "attention-decay", "protect_recent": 0, "half_life_s": 1e9}, blocks=4)
     feed, _, layers = feed_with_blocks(stack, 4)
     # One 32-token prompt in blocks 1..4; the window's queries look hard at block 3 (index 2).
     q, k = qk(32, 32, hq=2, hkv=2)

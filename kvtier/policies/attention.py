@@ -1,4 +1,10 @@
-"""Attention-score-weighted eviction with recency and attention-sink protection, tails before prefixes.
+"""Score-decay eviction (policy ``attention-decay``): attention scores weighted, with recency and attention-sink
+protection, tails before prefixes.
+
+Superseded as the ``attention`` policy by attention_arc.py, which keeps ARC and uses scores only where they
+are measured to predict reuse (this one ranks by scores alone and loses to LRU/ARC where they do not: see
+docs/attention-results.md). Kept as an option; its decay uses the wall clock (``clock``), so its victims depend
+on timing.
 
 Every tracked block carries a score that decays exponentially with a half-life. It starts at
 ``default_score`` when the block is inserted; ``update_scores`` adds reported attention mass, and an access
@@ -39,7 +45,7 @@ _Entry = tuple[float, int, BlockKey]
 class AttentionPolicy(EvictionPolicy):
     """Lowest decayed attention score per byte first; see the module docstring for the rules."""
 
-    name = "attention"
+    name = "attention-decay"
 
     def __init__(self, *, half_life_s: float = 300.0, protect_recent: int = 4, protect_sinks: bool = True,
                  default_score: float = 1.0, clock: Callable[[], float] = time.monotonic,

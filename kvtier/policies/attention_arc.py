@@ -1,5 +1,5 @@
-"""ARC that lets attention scores reorder the blocks it knows least about, as far as they have been shown to
-predict reuse on the running workload.
+"""The ``attention`` policy: ARC that lets attention scores reorder the blocks it knows least about, once they
+have been shown to predict reuse on the running workload.
 
 ARC (see arc.py) keeps blocks seen once in T1 and blocks seen again in T2, remembers evicted keys as ghosts
 (B1, B2) and adapts the byte target ``p`` of T1 from ghost hits; it evicts from T1 while T1 holds more than
@@ -60,7 +60,7 @@ class _Plan:
 class AttentionARCPolicy(EvictionPolicy):
     """ARC + tail-first prefixes + attention-ordered T1 behind a measured reuse gate (see the module docstring)."""
 
-    name = "attention-arc"
+    name = "attention"
 
     def __init__(self, *, max_ghosts: int | None = None, protect_recent: int = 0, gate_z: float = 3.0,
                  gate_min_reuses: float = 4.0, **params: Any) -> None:
