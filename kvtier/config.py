@@ -67,6 +67,7 @@ class ConnectorConfig:
     transfer_threads: int = 2
     min_hit_blocks: int = 1
     save_timeout_s: float = 60.0
+    sync_saves: bool = False  # store in the step that computed the blocks (reproducible benchmarks, debugging)
 
 
 @dataclass(frozen=True)

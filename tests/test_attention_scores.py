@@ -4,7 +4,6 @@ the wiring into tier policies (scores, sinks, tail-first links), and greedy outp
 from __future__ import annotations
 
 import math
-from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -269,14 +268,14 @@ def test_scores_sinks_and_links_reach_the_policy_and_protections_hold() -> None:
     k[16:24] = q[28:].mean(0) * 4  # keys aligned with the window's queries (per head)
     run_layers(layers, step_meta([([1, 2, 3, 4], 0, 32)]), q, k)
     keys = [key(i) for i in range(4)]
+    then = feed.on_step_end([(kk, i + 1) for i, kk in enumerate(keys)], [keys[0]],
+                            [(keys[i], keys[i - 1]) for i in range(1, 4)])
+    assert then is not None
     for i, kk in enumerate(keys):
-        stack.put(kk, bytes(64 * 1024 - 100))  # stored before the scores arrive (see the future below)
-    done: Future[None] = Future()
-    feed.on_step_end([(kk, i + 1) for i, kk in enumerate(keys)], [keys[0]],
-                     [(keys[i], keys[i - 1]) for i in range(1, 4)], done)
+        stack.put(kk, bytes(64 * 1024 - 100))  # the store job puts the blocks, then runs the update
     policy = stack.tiers[0].policy
-    assert policy.score(keys[2]) == pytest.approx(1.0)  # not applied until the store completes
-    done.set_result(None)
+    assert policy.score(keys[2]) == pytest.approx(1.0)  # nothing applied before the update runs
+    then()
     assert policy.score(keys[2]) > 2.0 > policy.score(keys[1])
     # Tail first: the tail block 3 goes before block 2 though block 2 scores lower; block 0 (sink) stays.
     stack.put(key(9), bytes(64 * 1024 - 100))
@@ -291,7 +290,7 @@ def test_loads_restore_summaries_and_rewrites_forget_block_keys() -> None:
     feed, capture, layers = feed_with_blocks(stack, 8)
     q, k = qk(16, 16)
     run_layers(layers, step_meta([([3, 4], 0, 16)]), q, k)
-    feed.on_step_end([(key(1), 3), (key(2), 4)], [], [], None)
+    assert feed.on_step_end([(key(1), 3), (key(2), 4)], [], []) is not None  # block credit: both scored
     before = capture.layers["l0"].sum[3].clone()
     # Later the same key is loaded into block 7: its summary and exact keys follow the key; an unknown key
     # starts empty.
@@ -302,7 +301,7 @@ def test_loads_restore_summaries_and_rewrites_forget_block_keys() -> None:
     assert held is not None and torch.allclose(held.float(), k[:8]) and capture.exact.get(0, 8, 8) is None
     # Block 3 is rewritten at offset 0 by another request: it no longer holds key(1).
     run_layers(layers, step_meta([([3], 0, 2)]), q[:2], k[:2])
-    feed.on_step_end([], [], [], None)
+    feed.on_step_end([], [], [])
     assert 3 not in feed._block_keys and feed._block_keys[4] == key(2)
     assert capture.enabled
 

@@ -129,20 +129,23 @@ class WorkerSide:
 
     # ---- saves -------------------------------------------------------------------------------------
     def wait_for_save(self, meta: KVTierMetadata) -> None:
+        # attention scores, sinks, links of this step: applied right after its blocks are stored
+        then = self.scores.on_step_end(meta.saves, meta.sinks, meta.links) if self.scores is not None else None
         if not meta.saves or self.layout is None:
-            if self.scores is not None:
-                self.scores.on_step_end(meta.saves, meta.sinks, meta.links, None)
+            if then is not None:
+                then()
             return
         start = time.perf_counter()
         keys = [key for key, _ in meta.saves]
         host = self.layout.gather([block_id for _, block_id in meta.saves])
         self._count(gather_time_s=time.perf_counter() - start)
+        if self.cfg.connector.sync_saves:  # stored (and scored) before the step's output is built
+            self._store(keys, host, then)
+            return
         self._saves = [f for f in self._saves if not f.done()]
-        self._saves.append(self.pool.submit(self._store, keys, host))
-        if self.scores is not None:  # attention scores, sinks, links: applied once this store has landed
-            self.scores.on_step_end(meta.saves, meta.sinks, meta.links, self._saves[-1])
+        self._saves.append(self.pool.submit(self._store, keys, host, then))
 
-    def _store(self, keys: list[bytes], host: torch.Tensor) -> None:
+    def _store(self, keys: list[bytes], host: torch.Tensor, then: Callable[[], None] | None = None) -> None:
         start = time.perf_counter()
         arr = host.numpy()
         try:
@@ -156,6 +159,8 @@ class WorkerSide:
         stored = sum(results)
         self._count(saved_blocks=stored, save_failed_blocks=len(keys) - stored,
                     saved_bytes=stored * host.shape[1], save_time_s=time.perf_counter() - start)
+        if then is not None:
+            then()
 
     # ---- completion and reporting ------------------------------------------------------------------
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:

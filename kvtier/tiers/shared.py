@@ -78,13 +78,13 @@ class SharedTier(Tier):
         self._commit(key, len(record), delta)
         return victims
 
-    def get(self, key: BlockKey) -> bytes | None:
+    def get(self, key: BlockKey, touch: bool = True) -> bytes | None:
         try:
             record = self._read(key)
         except TierError as exc:
             self._note_failure("read", exc)
             return None
-        return self._after_read(key, record)
+        return self._after_read(key, record, touch)
 
     def delete(self, key: BlockKey) -> bool:
         with self._lock:
@@ -207,7 +207,7 @@ class SharedTier(Tier):
             self._used -= size
             self.policy.on_remove(key)
 
-    def _after_read(self, key: BlockKey, record: bytes | None) -> bytes | None:
+    def _after_read(self, key: BlockKey, record: bytes | None, touch: bool = True) -> bytes | None:
         if record is None:
             with self._lock:
                 held = key in self._sizes
@@ -216,7 +216,7 @@ class SharedTier(Tier):
                 self._index_removed([key])
             return None
         with self._lock:
-            if key in self._sizes or self._adopt(key, len(record)):
+            if (key in self._sizes or self._adopt(key, len(record))) and touch:
                 self.policy.on_access(key)
         return record
 

@@ -218,6 +218,9 @@ class TierStack:
         try:
             if tier.shared and len(keys) > 1:
                 records = tier.get_many(keys)
+            elif len(keys) > 1 and map_fn is not map:
+                tier.touch_many(keys)  # the policy sees the reads in key order, not in thread order
+                records = list(map_fn(lambda key: tier.get(key, touch=False), keys))
             else:
                 records = list(map_fn(tier.get, keys))
         except Exception as exc:  # a tier failing in any way is a miss for these keys, never an error
