@@ -111,7 +111,8 @@ def markdown(results: dict[str, Any], meta: dict[str, Any]) -> str:
              f"Seeds {meta['seeds']} ({len(meta['seeds'])}); window {meta['window']}. Cells: follow-up hit rate, "
              "mean ± sample sd over seeds. Δ best = attention minus the best of lru/lfu/arc (paired by seed, "
              "mean ± sd); Δ shuffled = attention minus its shuffled-score control (paired). Gate = seeds whose "
-             "reuse gate was open at the end (attention / shuffled control).", ""]
+             "reuse gate was open at the end (attention / shuffled control).", "", f"Command: `{meta['command']}`",
+             ""]
     for key, table in results.items():
         caps = list(table)
         lines += [f"## {key}", "", "| policy | " + " | ".join(f"{c} blocks" for c in caps) + " |",
