@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from kvtier.attention.scores import BlockStats, stats_from_keys, window_block_mass
+from kvtier_bench.replay import qk_per_layer
 
 BLOCK = 128
 
@@ -30,29 +31,6 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     ra, rb = a.argsort().argsort().double(), b.argsort().argsort().double()
     ra, rb = ra - ra.mean(), rb - rb.mean()
     return float((ra * rb).sum() / ((ra.norm() * rb.norm()).clamp_min(1e-12)))
-
-
-def qk_per_layer(model: torch.nn.Module, ids: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Post-RoPE (query [T, Hq, d], key [T, Hkv, d]) of every layer, as vLLM's attention sees them."""
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
-    captured: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-    def pre_hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        hidden = kwargs.get("hidden_states", args[0] if args else None)
-        cos, sin = kwargs["position_embeddings"]
-        d = module.head_dim
-        q = module.q_proj(hidden).view(1, -1, module.config.num_attention_heads, d).transpose(1, 2)
-        k = module.k_proj(hidden).view(1, -1, module.config.num_key_value_heads, d).transpose(1, 2)
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        captured.append((q[0].transpose(0, 1).float(), k[0].transpose(0, 1).float()))
-
-    hooks = [layer.self_attn.register_forward_pre_hook(pre_hook, with_kwargs=True) for layer in model.model.layers]
-    with torch.no_grad():
-        model(input_ids=torch.tensor([ids]))
-    for hook in hooks:
-        hook.remove()
-    return captured
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,29 +1,28 @@
-"""Attention-weighted eviction vs LRU, LFU and ARC on real vLLM runs, on a workload where attention matters.
+"""Attention-aware eviction vs LRU, LFU and ARC on real vLLM runs, on a workload where attention matters.
 
-Workload ("engaged vs one-off documents"): conversations share a 1-block system prompt; each opens with its
-own document (``--doc-blocks`` blocks of Python stdlib source) and a question. An *engaged* conversation's
-question quotes its document (the model's attention goes to the document) and the user comes back twice,
-``--gap`` and ``2*gap`` rounds later, with follow-up quotes; a *one-off* conversation's question is a passage
-of the same kind of text (stdlib source) taken from elsewhere, and it never returns. Both kinds of question come
-from one distribution, so nothing but where the model attends tells them apart (an earlier version used English
-questions for one-offs, which let the key-norm proxy separate them by the question's own keys). Each round opens
-``--opens`` conversations (``--engaged`` of them engaged) and then
-serves the follow-ups that are due. The DRAM tier (the only tier) holds ``--dram-blocks`` blocks, fewer than
-the blocks opened between a conversation's opening and its first follow-up, so a policy must pick.
+Workload (kvtier_bench.families.engaged, "engaged vs one-off documents"): conversations share a 1-block system
+prompt; each opens with its own document (``--doc-blocks`` blocks of Python stdlib source) and a question. An
+*engaged* conversation's question quotes its document (the model's attention goes to the document) and the user
+comes back twice, ``--gap`` and ``2*gap`` rounds later, with follow-up quotes; a *one-off* conversation's question
+is a passage of the same kind of text taken from elsewhere, and it never returns. Each round opens ``--opens``
+conversations (``--engaged`` of them engaged) and then serves the follow-ups that are due. The DRAM tier (the only
+tier) holds ``--dram-blocks`` blocks, fewer than the blocks opened between a conversation's opening and its first
+follow-up, so a policy must pick. At the first follow-up every document has been used exactly once, so LRU, LFU
+and ARC cannot tell engaged from one-off documents; attention scores can (kvtier.attention, window mode, scores
+per layer). The model is the trained tiny Llama (``kvtier_bench.models.build_model("trained")``).
 
-At the moment of the first follow-up every document has been used exactly once, so LRU, LFU and ARC see no
-difference between engaged and one-off documents; the attention policy does, through the scores captured
-from the model (kvtier.attention, window mode). The model is the trained tiny Llama
-(``kvtier_bench.models.build_model("trained")``); a random-weight model attends flatly and gives no signal.
+Each policy runs in its own engine process (vLLM CPU build), with vLLM's prefix cache reset before every request
+so every reuse is served by kvtier or recomputed. Rows: the ``attention`` policy, its controls (the same policy fed
+*shuffled* scores, kvtier_bench.controls.ShuffledScores; and with capture off) and the earlier score-decay policy.
 
-Each policy runs in its own engine process (vLLM CPU build), with vLLM's prefix cache reset before every
-request so every reuse is served by kvtier or recomputed. TTFT = wall time of a 1-token greedy generate.
-Extra rows: the attention policy with capture off (decayed hit counts only), with the key-norm proxy, and
-fed *shuffled* scores (random draws from the real ones: same spread, no information; kvtier_bench.controls)
-- on this workload LRU is pathological and any perturbation of recency order gains something, so the signal
-is worth the gap between ``attention`` and ``attention-shuffled``, not the gap to LRU.
+Reproducibility: by default saves are synchronous (``connector.sync_saves``): each step stores its blocks, applies
+their scores and prefix links, and reports the placement events before it returns, so the next request's lookup
+and the policy see the same order on every run. ``--repeat N`` runs every seed N times and reports whether the
+repeats served exactly the same tokens; ``--jitter-ms`` adds random delays to the worker's stores and reads
+(kvtier_bench.connector) to stand in for a loaded machine. Seeds (default: the first five of sim_attention.py's
+EVAL_SEEDS) were fixed before any run.
 
-    python benchmarks/bench_attention.py [--rounds 8] [--out benchmarks/results]
+    python benchmarks/bench_attention.py [--rounds 8] [--dram-blocks 40] [--seeds 11,23,37,41,59] [--repeat 1]
 """
 
 from __future__ import annotations
@@ -31,95 +30,34 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
-BLOCK = 128
-# Scores decay with a half-life: it should exceed the reuse gap of the workload (here tens of seconds to a few
-# minutes on a loaded 2-core machine); with 300 s (the default) a fresh one-off block outranks an engaged one
-# scored two rounds earlier once the small score gap has decayed away.
-ATTENTION = {"name": "attention", "half_life_s": 3600, "protect_recent": 4, "protect_sinks": True}
+from kvtier_bench.attention_report import aggregate, markdown, summarize
+from kvtier_bench.families import BLOCK, Req, engaged, hittable, open_source
+
+SEEDS = "11,23,37,41,59"  # sim_attention.EVAL_SEEDS[:5], fixed before any run
+SHUFFLED = {"name": "kvtier_bench.controls:ShuffledScores", "policy": "attention"}
+DECAY = {"name": "attention-decay", "half_life_s": 3600, "protect_recent": 4, "protect_sinks": True}
 POLICIES: dict[str, tuple[dict, str]] = {
     "lru": ({"name": "lru"}, "off"),
     "lfu": ({"name": "lfu"}, "off"),
     "arc": ({"name": "arc"}, "off"),
-    "attention": (ATTENTION, "window"),
-    "attention-shuffled": ({**ATTENTION, "name": "kvtier_bench.controls:ShuffledScoresPolicy"}, "window"),
-    "attention-proxy": (ATTENTION, "proxy"),
-    "attention-nocapture": (ATTENTION, "off"),
+    "attention": ({"name": "attention"}, "window"),
+    "attention-shuffled": (SHUFFLED, "window"),
+    "attention-nocapture": ({"name": "attention"}, "off"),
+    "attention-decay": (DECAY, "window"),
 }
 
 
-@dataclass
-class Req:
-    conv: int
-    turn: int  # 0 = opening, 1.. = follow-ups
-    engaged: bool
-    prompt: list[int]
-
-
 def build_workload(model: str, args: argparse.Namespace) -> list[Req]:
-    """Deterministic request sequence (see the module docstring)."""
-    from tokenizers import Tokenizer
-
-    from kvtier_bench.train import load_corpus
-
-    tok = Tokenizer.from_file(str(Path(model) / "tokenizer.json"))
-    user = tok.token_to_id("<|user|>")
-    stream, _ = load_corpus(Path(model) / "tokenizer.json", 3_000_000)
-    rng = random.Random(args.seed)
-    system = [0] + stream[:BLOCK - 1]  # BOS + one shared block
-
-    def span(n: int, source: list[int] = stream) -> list[int]:
-        at = rng.randrange(BLOCK, len(source) - n)
-        return source[at:at + n]
-
-    def quote(doc: list[int]) -> list[int]:
-        at = rng.randrange(len(doc) - args.question_len)
-        return doc[at:at + args.question_len]
-
-    docs: dict[int, list[int]] = {}
-    history: dict[int, list[int]] = {}
-    due: dict[int, list[int]] = {}
-    reqs: list[Req] = []
-    conv = 0
-    for rnd in range(args.rounds + 2 * args.gap):
-        if rnd < args.rounds:
-            for i in range(args.opens):
-                engaged = i < args.engaged
-                docs[conv] = span(args.doc_blocks * BLOCK)
-                question = quote(docs[conv]) if engaged else span(args.question_len)
-                history[conv] = system + docs[conv] + [user] + question
-                reqs.append(Req(conv, 0, engaged, list(history[conv])))
-                if engaged:
-                    due.setdefault(rnd + args.gap, []).append(conv)
-                    due.setdefault(rnd + 2 * args.gap, []).append(conv)
-                conv += 1
-        for c in due.pop(rnd, []):
-            history[c] = history[c] + span(args.answer_len) + [user] + quote(docs[c])
-            reqs.append(Req(c, sum(r.conv == c for r in reqs), True, list(history[c])))
-    return reqs
-
-
-def hittable(reqs: list[Req]) -> list[int]:
-    """Tokens of each prompt an unbounded cache could serve: whole blocks seen before, minus the last token."""
-    seen: set[tuple[int, ...]] = set()
-    out = []
-    for r in reqs:
-        full = (len(r.prompt) - 1) // BLOCK
-        hit = 0
-        while hit < full and tuple(r.prompt[:(hit + 1) * BLOCK]) in seen:
-            hit += 1
-        out.append(hit * BLOCK)
-        for b in range(1, len(r.prompt) // BLOCK + 1):
-            seen.add(tuple(r.prompt[:b * BLOCK]))
-    return out
+    return engaged(open_source(model, args.seed), rounds=args.rounds, opens=args.opens, engaged=args.engaged,
+                   gap=args.gap, doc_blocks=args.doc_blocks, question_len=args.question_len,
+                   answer_len=args.answer_len)
 
 
 # ---- one engine per policy (child process) ---------------------------------------------------------------
@@ -143,22 +81,27 @@ def child(spec: dict) -> dict:
         start = time.perf_counter()
         out = llm.generate([TokensPrompt(prompt_token_ids=prompt)], sampling, use_tqdm=False)[0]
         rows.append({"ttft_s": time.perf_counter() - start, "cached": out.num_cached_tokens})
-        time.sleep(spec["settle_s"])  # async saves land before the next lookup
+        time.sleep(spec["settle_s"])  # with asynchronous saves: let them land before the next lookup
     return {"rows": rows}
 
 
 def run_policy(name: str, model: str, reqs: list[Req], args: argparse.Namespace, block_bytes: int) -> dict:
     policy, capture = POLICIES[name]
     # 4 KiB pages: a record is a 56-byte header + the block, so it takes block_bytes + one page.
-    kvtier = {"tiers": [{"kind": "dram", "capacity": args.dram_blocks * (block_bytes + 4096), "page_size": 4096,
-                         "policy": policy}],
-              "attention": {"capture": capture, "window": args.window}}
-    spec = {"model": model, "kvtier": kvtier, "prompts": [r.prompt for r in reqs], "settle_s": args.settle}
+    kvtier: dict = {"tiers": [{"kind": "dram", "capacity": args.dram_blocks * (block_bytes + 4096),
+                               "page_size": 4096, "policy": policy}],
+                    "attention": {"capture": capture, "window": args.window}}
+    if args.sync_saves:
+        kvtier["connector"] = {"sync_saves": True}
+    settle = 0.0 if args.sync_saves else args.settle
+    spec = {"model": model, "kvtier": kvtier, "prompts": [r.prompt for r in reqs], "settle_s": settle}
     with tempfile.TemporaryDirectory() as tmp:
         spec_path, stats = Path(tmp) / "spec.json", Path(tmp) / "stats.json"
         spec_path.write_text(json.dumps(spec))
         env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND=os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "0-1"),
                    VLLM_CPU_KVCACHE_SPACE="1", KVTIER_STATS_FILE=str(stats))
+        if args.jitter_ms:
+            env["KVBENCH_JITTER_MS"] = str(args.jitter_ms)
         start = time.perf_counter()
         proc = subprocess.run([sys.executable, __file__, "--child", str(spec_path)], env=env, text=True,
                               capture_output=True, timeout=3600, check=False)
@@ -172,61 +115,11 @@ def run_policy(name: str, model: str, reqs: list[Req], args: argparse.Namespace,
     raise RuntimeError(f"{name}: engine run failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}")
 
 
-# ---- summary -----------------------------------------------------------------------------------------------
-
-def summarize(name: str, reqs: list[Req], result: dict, can_hit: list[int]) -> dict:
-    """Hit rates and TTFT per request group. ``ttft_rel`` divides by the run's median opening TTFT (openings
-    miss in every policy alike), which cancels the load drift between runs on a shared machine."""
-    rows = result["rows"]
-    groups = {"all": range(len(reqs)), "follow-ups": [i for i, r in enumerate(reqs) if r.turn > 0],
-              "first follow-ups": [i for i, r in enumerate(reqs) if r.turn == 1]}
-    base = statistics.median(rows[i]["ttft_s"] for i, r in enumerate(reqs) if r.turn == 0)
-    out: dict = {"policy": name, "wall_s": result["wall_s"], "capture": result["capture_log"],
-                 "opening_ttft_p50_ms": round(1e3 * base, 1)}
-    for group, idx in groups.items():
-        idx = list(idx)
-        cached = sum(rows[i]["cached"] for i in idx)
-        ttft = [rows[i]["ttft_s"] for i in idx]
-        out[group] = {"requests": len(idx), "hit_rate": cached / max(1, sum(can_hit[i] for i in idx)),
-                      "ttft_mean_ms": 1e3 * statistics.mean(ttft), "ttft_rel": statistics.mean(ttft) / base}
-    counters = result["stats"].get("tiers", {}).get("dram", {})
-    out["dram"] = {k: counters.get(k, 0) for k in ("hits", "puts", "evictions", "drops")}
-    out["attention"] = {k: v for k, v in result["stats"].get("counters", {}).items() if k.startswith("attention.")}
-    out["rows"] = rows
-    return out
-
-
-def average(runs: list[dict]) -> dict:
-    """Mean over seeds of each group's numbers."""
-    out = {"policy": runs[0]["policy"], "seeds": len(runs)}
-    for group in ("all", "follow-ups", "first follow-ups"):
-        out[group] = {k: statistics.mean(r[group][k] for r in runs) for k in ("hit_rate", "ttft_mean_ms", "ttft_rel")}
-    out["evictions"] = statistics.mean(r["dram"]["evictions"] for r in runs)
-    return out
-
-
-def markdown(table: list[dict], meta: dict) -> str:
-    intro = (f"Per seed: {meta['requests']} requests ({meta['conversations']} conversations, {meta['engaged']} "
-             f"engaged); seeds {meta['seeds']}; DRAM tier {meta['dram_blocks']} blocks of {BLOCK} tokens. Hit rate ="
-             " tokens served by kvtier / tokens an unbounded cache could serve. TTFT = 1-token generate wall time;"
-             " rel. = divided by the same run's median opening TTFT (all policies miss on openings), which cancels"
-             " the load drift of the shared machine. Means over seeds.")
-    header = ("| policy | hit rate all | hit rate follow-ups | hit rate 1st follow-ups | TTFT follow-ups (ms) "
-              "| TTFT follow-ups rel. | TTFT all rel. | evictions |")
-    lines = [f"# Attention-weighted eviction vs LRU/LFU/ARC ({meta['model_name']}, real vLLM CPU runs)", "",
-             intro, "", header, "|---|---|---|---|---|---|---|---|"]
-    for s in table:
-        a, f, f1 = s["all"], s["follow-ups"], s["first follow-ups"]
-        lines.append(f"| {s['policy']} | {a['hit_rate']:.3f} | {f['hit_rate']:.3f} | {f1['hit_rate']:.3f} | "
-                     f"{f['ttft_mean_ms']:.1f} | {f['ttft_rel']:.2f} | {a['ttft_rel']:.2f} | {s['evictions']:.0f} |")
-    return "\n".join(lines) + "\n"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--model", default="trained", help="kvtier_bench.models size or a model directory")
-    parser.add_argument("--policies", default=",".join(POLICIES))
+    parser.add_argument("--policies", default="lru,lfu,arc,attention,attention-shuffled,attention-nocapture")
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--opens", type=int, default=6)
     parser.add_argument("--engaged", type=int, default=2)
@@ -236,9 +129,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--answer-len", type=int, default=16)
     parser.add_argument("--dram-blocks", type=int, default=40)
     parser.add_argument("--window", type=int, default=32)
-    parser.add_argument("--settle", type=float, default=0.2)
-    parser.add_argument("--seeds", default="0,1")
+    parser.add_argument("--sync-saves", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--settle", type=float, default=0.2, help="seconds after each request (async saves only)")
+    parser.add_argument("--jitter-ms", type=float, default=0.0, help="random delays in stores and reads (stress)")
+    parser.add_argument("--seeds", default=SEEDS)
+    parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--name", default="attention")
     args = parser.parse_args(argv)
     if args.child:
         print("BENCH-RESULT " + json.dumps(child(json.loads(Path(args.child).read_text()))), flush=True)
@@ -255,22 +152,25 @@ def main(argv: list[str] | None = None) -> int:
         reqs = build_workload(model, args)
         can_hit = hittable(reqs)
         for name in args.policies.split(","):
-            s = summarize(name, reqs, run_policy(name, model, reqs, args, block_bytes), can_hit)
-            s["seed"] = seed
-            runs.setdefault(name, []).append(s)
-            print(f"seed {seed} {name:>20}: hit rate all {s['all']['hit_rate']:.3f}, follow-ups "
-                  f"{s['follow-ups']['hit_rate']:.3f}, TTFT follow-ups {s['follow-ups']['ttft_mean_ms']:.1f} ms "
-                  f"(rel {s['follow-ups']['ttft_rel']:.2f}) ({s['wall_s']} s)", flush=True)
-    table = [average(r) for r in runs.values()]
+            for rep in range(args.repeat):
+                s = summarize(name, reqs, run_policy(name, model, reqs, args, block_bytes), can_hit)
+                s["seed"], s["repeat"] = seed, rep
+                runs.setdefault(name, []).append(s)
+                print(f"seed {seed} {name:>20} #{rep}: hit rate all {s['all']['hit_rate']:.3f}, follow-ups "
+                      f"{s['follow-ups']['hit_rate']:.3f}, 1st {s['first follow-ups']['hit_rate']:.3f} "
+                      f"({s['wall_s']} s)", flush=True)
+    table = [aggregate(r) for r in runs.values()]
     meta = {"model": model, "model_name": Path(model).name, "requests": len(reqs), "seeds": args.seeds,
-            "conversations": len({r.conv for r in reqs}), "engaged": len({r.conv for r in reqs if r.engaged}),
-            "dram_blocks": args.dram_blocks, "args": vars(args), "cpus": os.cpu_count()}
+            "rounds": args.rounds, "repeats": args.repeat, "conversations": len({r.conv for r in reqs}),
+            "engaged": len({r.conv for r in reqs if r.engaged}), "dram_blocks": args.dram_blocks,
+            "saves": "synchronous" if args.sync_saves else f"asynchronous, {args.settle} s settle",
+            "args": vars(args), "cpus": os.cpu_count(), "command": "python " + " ".join(sys.argv)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "attention.json").write_text(json.dumps({"meta": meta, "table": table, "runs": runs,
-                                                    "requests": [asdict(r) | {"prompt": len(r.prompt)}
-                                                                 for r in reqs]}, indent=1))
-    (out / "attention.md").write_text(markdown(table, meta))
+    (out / f"{args.name}.json").write_text(json.dumps({"meta": meta, "table": table, "runs": runs,
+                                                       "requests": [asdict(r) | {"prompt": len(r.prompt)}
+                                                                    for r in reqs]}, indent=1))
+    (out / f"{args.name}.md").write_text(markdown(table, meta))
     print(markdown(table, meta))
     return 0
 

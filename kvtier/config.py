@@ -74,6 +74,8 @@ class ConnectorConfig:
     # Sync loads: let each attention layer wait for its own layer's copy (needs piecewise CUDA graphs) instead
     # of the whole load before the forward.
     layerwise_load: bool = False
+    # Store each step's blocks before the step returns (reproducible benchmarks, debugging).
+    sync_saves: bool = False
 
 
 @dataclass(frozen=True)

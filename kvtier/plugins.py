@@ -71,5 +71,6 @@ POLICIES: Registry[Any] = Registry("policy", "kvtier.policies.base:EvictionPolic
     "lru": "kvtier.policies.lru:LRUPolicy",
     "lfu": "kvtier.policies.lfu:LFUPolicy",
     "arc": "kvtier.policies.arc:ARCPolicy",
-    "attention": "kvtier.policies.attention:AttentionPolicy",
+    "attention": "kvtier.policies.attention_arc:AttentionARCPolicy",
+    "attention-decay": "kvtier.policies.attention:AttentionPolicy",
 })

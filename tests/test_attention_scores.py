@@ -4,7 +4,6 @@ the wiring into tier policies (scores, sinks, tail-first links), and greedy outp
 from __future__ import annotations
 
 import math
-from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -148,7 +147,8 @@ def test_capture_scores_a_prefill_exactly_and_a_later_decode_from_summaries() ->
     mass = direct_block_mass(q[16:20], torch.arange(16, 20), k[:20], BS, SCALE).float()
     want = relative_scores(mass, torch.ones(3, dtype=torch.bool))
     assert rewritten == {5, 9, 2}
-    assert [scores[b] for b in blocks] == pytest.approx(want.tolist(), rel=1e-4)  # same in both layers
+    for layer in (0, 1):  # one score per layer; the fake layers see the same q and k
+        assert [scores[b][layer] for b in blocks] == pytest.approx(want.tolist(), rel=1e-4)
     assert layers["l0"].impl.calls == 1
     # Step 1: one decode token; not sampled (every 2 steps), but its key is folded into block 2's summary.
     run_layers(layers, step_meta([(blocks, 20, 1)]), q[20:21], k[20:21])
@@ -158,8 +158,9 @@ def test_capture_scores_a_prefill_exactly_and_a_later_decode_from_summaries() ->
     run_layers(layers, step_meta([(blocks, 21, 1)]), q[21:22], k[21:22])
     scores, _ = capture.end_step()
     mass = direct_block_mass(q[21:22], torch.tensor([21]), k[:22], BS, SCALE).float()
-    assert [scores[b] for b in blocks] == pytest.approx(relative_scores(mass, torch.ones(3, dtype=torch.bool)).tolist(),
-                                                        rel=1e-3)
+    want = relative_scores(mass, torch.ones(3, dtype=torch.bool))
+    for layer in (0, 1):
+        assert [scores[b][layer] for b in blocks] == pytest.approx(want.tolist(), rel=1e-3)
     assert capture.counters["prior_blocks_exact"] == 3 and capture.counters["prior_blocks_summary"] == 0
 
 
@@ -172,7 +173,7 @@ def test_without_key_memory_earlier_blocks_fall_back_to_summaries() -> None:
     capture.end_step()
     run_layers(layers, step_meta([([5, 9, 2], 20, 1)]), q[20:21], k[20:21])
     scores, _ = capture.end_step()
-    assert set(scores) == {5, 9, 2} and sum(scores.values()) == pytest.approx(3.0, rel=1e-4)
+    assert set(scores) == {5, 9, 2} and sum(s[0] for s in scores.values()) == pytest.approx(3.0, rel=1e-4)
     assert capture.counters["prior_blocks_summary"] == 3
 
 
@@ -185,8 +186,8 @@ def test_request_credit_shares_the_mean_over_full_blocks_after_the_sink() -> Non
     scores, _ = capture.end_step()
     own = relative_scores(direct_block_mass(q[26:], torch.arange(26, 30), k, BS, SCALE).float(),
                           torch.ones(4, dtype=torch.bool)).tolist()
-    assert scores[5] == pytest.approx(own[0], rel=1e-4) and scores[7] == pytest.approx(own[3], rel=1e-4)
-    assert scores[9] == pytest.approx((own[1] + own[2]) / 2, rel=1e-4) == pytest.approx(scores[2], rel=1e-6)
+    assert scores[5][0] == pytest.approx(own[0], rel=1e-4) and scores[7][0] == pytest.approx(own[3], rel=1e-4)
+    assert scores[9][0] == pytest.approx((own[1] + own[2]) / 2, rel=1e-4) == pytest.approx(scores[2][0], rel=1e-6)
 
 
 @pytest.mark.parametrize("key_memory", [0, 2 * 5 * 2 * BS * 2 * 16 * 4, 1 << 20])  # no / some / all keys held
@@ -194,7 +195,7 @@ def test_batched_decode_scores_equal_scoring_one_request_at_a_time(key_memory: i
     """Decode requests in one step are scored in one batched pass; it must give what the per-request
     path gives, with earlier blocks held exactly, summarised, partial and freshly started."""
 
-    def run(batch: bool) -> tuple[list[dict[int, float]], dict[str, float]]:
+    def run(batch: bool) -> tuple[list[dict[int, tuple[float, ...]]], dict[str, float]]:
         layers = {"l0": FakeLayer(), "l1": FakeLayer()}
         capture = AttentionCapture("window", window=4, every_n_steps=1, block_size=BS, num_blocks=64,
                                    key_memory=key_memory, credit="request")
@@ -216,7 +217,8 @@ def test_batched_decode_scores_equal_scoring_one_request_at_a_time(key_memory: i
     batched, counters_batched = run(batch=True)
     for expected, got in zip(one_by_one, batched, strict=True):
         assert set(got) == set(expected)
-        assert [got[b] for b in sorted(got)] == pytest.approx([expected[b] for b in sorted(got)], rel=1e-4)
+        assert [v for b in sorted(got) for v in got[b]] == pytest.approx(
+            [v for b in sorted(got) for v in expected[b]], rel=1e-4)
     for name in ("prior_blocks_exact", "prior_blocks_summary", "sampled_requests"):
         assert counters_batched[name] == counters_one[name], name
     if key_memory == 0:
@@ -259,21 +261,21 @@ def feed_with_blocks(stack: TierStack, nblocks: int) -> tuple[ScoreFeed, Attenti
 
 
 def test_scores_sinks_and_links_reach_the_policy_and_protections_hold() -> None:
-    stack = dram_stack({"name": "attention", "protect_recent": 0, "half_life_s": 1e9}, blocks=4)
+    stack = dram_stack({"name": "attention-decay", "protect_recent": 0, "half_life_s": 1e9}, blocks=4)
     feed, _, layers = feed_with_blocks(stack, 4)
     # One 32-token prompt in blocks 1..4; the window's queries look hard at block 3 (index 2).
     q, k = qk(32, 32, hq=2, hkv=2)
     k[16:24] = q[28:].mean(0) * 4  # keys aligned with the window's queries (per head)
     run_layers(layers, step_meta([([1, 2, 3, 4], 0, 32)]), q, k)
     keys = [key(i) for i in range(4)]
+    then = feed.on_step_end([(kk, i + 1) for i, kk in enumerate(keys)], [keys[0]],
+                            [(keys[i], keys[i - 1]) for i in range(1, 4)])
+    assert then is not None
     for i, kk in enumerate(keys):
-        stack.put(kk, bytes(64 * 1024 - 100))  # stored before the scores arrive (see the future below)
-    done: Future[None] = Future()
-    feed.on_step_end([(kk, i + 1) for i, kk in enumerate(keys)], [keys[0]],
-                     [(keys[i], keys[i - 1]) for i in range(1, 4)], done)
+        stack.put(kk, bytes(64 * 1024 - 100))  # the store job puts the blocks, then runs the update
     policy = stack.tiers[0].policy
-    assert policy.score(keys[2]) == pytest.approx(1.0)  # not applied until the store completes
-    done.set_result(None)
+    assert policy.score(keys[2]) == pytest.approx(1.0)  # nothing applied before the update runs
+    then()
     assert policy.score(keys[2]) > 2.0 > policy.score(keys[1])
     # Tail first: the tail block 3 goes before block 2 though block 2 scores lower; block 0 (sink) stays.
     stack.put(key(9), bytes(64 * 1024 - 100))
@@ -288,7 +290,7 @@ def test_loads_restore_summaries_and_rewrites_forget_block_keys() -> None:
     feed, capture, layers = feed_with_blocks(stack, 8)
     q, k = qk(16, 16)
     run_layers(layers, step_meta([([3, 4], 0, 16)]), q, k)
-    feed.on_step_end([(key(1), 3), (key(2), 4)], [], [], None)
+    assert feed.on_step_end([(key(1), 3), (key(2), 4)], [], []) is not None  # block credit: both scored
     before = capture.layers["l0"].sum[3].clone()
     # Later the same key is loaded into block 7: its summary and exact keys follow the key; an unknown key
     # starts empty.
@@ -299,7 +301,7 @@ def test_loads_restore_summaries_and_rewrites_forget_block_keys() -> None:
     assert held is not None and torch.allclose(held.float(), k[:8]) and capture.exact.get(0, 8, 8) is None
     # Block 3 is rewritten at offset 0 by another request: it no longer holds key(1).
     run_layers(layers, step_meta([([3], 0, 2)]), q[:2], k[:2])
-    feed.on_step_end([], [], [], None)
+    feed.on_step_end([], [], [])
     assert 3 not in feed._block_keys and feed._block_keys[4] == key(2)
     assert capture.enabled
 

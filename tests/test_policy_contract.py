@@ -1,7 +1,7 @@
 """One contract suite run against every registered eviction policy, then each policy's own behaviour.
 
 The contract suite drives policies only through the EvictionPolicy API. Policy-internal protections (the
-attention policy's recent window) are switched off in ``_contract_params`` so that "evict returns [] only
+attention policies' recent window) are switched off in ``_contract_params`` so that "evict returns [] only
 when there are not enough unprotected bytes" can be checked exactly; ``test_model_check_with_defaults``
 runs every policy with its defaults, and the attention tests at the bottom cover those protections.
 """
@@ -18,6 +18,7 @@ from kvtier.errors import ConfigError
 from kvtier.policies import POLICY_NAMES, EvictionPolicy, make_policy
 from kvtier.policies.arc import ARCPolicy
 from kvtier.policies.attention import AttentionPolicy
+from kvtier.policies.attention_arc import AttentionARCPolicy
 from kvtier.policies.lfu import LFUPolicy
 from kvtier.policies.lru import LRUPolicy
 
@@ -35,7 +36,9 @@ class FakeClock:
 
 
 def _contract_params(name: str) -> dict[str, Any]:
-    return {"protect_recent": 0, "clock": FakeClock()} if name == "attention" else {}
+    if name == "attention-decay":
+        return {"protect_recent": 0, "clock": FakeClock()}
+    return {"protect_recent": 0} if name == "attention" else {}
 
 
 def make(name: str, **params: Any) -> EvictionPolicy:
@@ -207,7 +210,8 @@ def test_loader_accepts_module_class_reference() -> None:
 
 
 @pytest.mark.parametrize(("name", "classes"), [("lru", LRUPolicy), ("lfu", LFUPolicy), ("arc", ARCPolicy),
-                                               ("attention", AttentionPolicy)])
+                                               ("attention", AttentionARCPolicy),
+                                               ("attention-decay", AttentionPolicy)])
 def test_registered_names_load_their_classes(name: str, classes: type) -> None:
     assert type(make_policy(PolicyConfig(name=name))) is classes
 
@@ -338,7 +342,7 @@ def test_arc_ghost_lists_are_bounded() -> None:
 
 
 def attention(clock: FakeClock | None = None, **params: Any) -> AttentionPolicy:
-    policy = make_policy(PolicyConfig(name="attention", params={"clock": clock or FakeClock(), **params}))
+    policy = make_policy(PolicyConfig(name="attention-decay", params={"clock": clock or FakeClock(), **params}))
     assert isinstance(policy, AttentionPolicy)
     return policy
 
@@ -435,7 +439,7 @@ def test_attention_branching_prefix_waits_for_all_children() -> None:
                                               ("default_score", float("nan")), ("clock", 3.0)])
 def test_attention_rejects_bad_params_naming_them(param: str, value: Any) -> None:
     with pytest.raises(ConfigError, match=param):
-        make_policy(PolicyConfig(name="attention", params={param: value}))
+        make_policy(PolicyConfig(name="attention-decay", params={param: value}))
 
 
 def _evictable(key: bytes, blocked: set[bytes], children: dict[bytes, set[bytes]]) -> bool:

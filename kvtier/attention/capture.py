@@ -17,13 +17,17 @@ keys seen in forward inputs (slot_mapping says which block and offset each token
 - ``proxy``: query-free; each block's mean inverse key norm.
 
 A request is sampled in every step that computes more than one of its tokens (prefill, chunks) and, for
-decode-only requests, every ``every_n_steps`` steps. Per block id, scores are relative to the request's
-average block (1.0) and averaged over layers. Any error disables capture (logged once); vLLM carries on.
+decode-only requests, every ``every_n_steps`` steps. Per block id and layer, scores are relative to the
+request's average block (1.0); a block's score is the tuple of its layers' scores (policies that want one number
+take the mean, ``kvtier.policies.base.score_value``: layers can disagree, e.g. on the trained benchmark model the
+first layer's attention to a document tracks whether the question quotes it and the second layer's does not).
+Any error disables capture (logged once); vLLM carries on.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -61,8 +65,8 @@ class AttentionCapture:
         self.step = 0
         self.layers: dict[str, LayerState] = {}
         self._order: list[str] = []
-        self._step_sum: dict[int, float] = {}
-        self._step_obs: dict[int, int] = {}
+        self._step_sum: dict[int, list[float]] = {}  # block id -> per layer: sum of this step's scores
+        self._step_obs: dict[int, list[int]] = {}  # block id -> per layer: how many scores were summed
         self._rewritten: set[int] = set()
         self._saved: HostLRU[tuple[float, torch.Tensor]] = HostLRU(summary_bytes)  # key -> Summaries.snapshot
         self.counters: dict[str, float] = {"capture_time_s": 0.0, "sampled_requests": 0, "scored_blocks": 0,
@@ -142,7 +146,7 @@ class AttentionCapture:
             self._pending.append((layer, written))
         else:  # the proxy reads this step's keys: fold them in now
             self._fold([layer], written[None], tokens)
-            self._score_proxy(state, tokens, block_table)
+            self._score_proxy(state, layer, tokens, block_table)
 
     def _step_tokens(self, md: Any, total: int) -> StepTokens:
         """Where this step's tokens were written (block, offset, exact-key row), worked out once per step and
@@ -217,7 +221,8 @@ class AttentionCapture:
             q_pos = torch.arange(seq_len - w, seq_len, device=query.device)
             mass = window_block_mass(query[qs + n - w:qs + n], q_pos, torch.cat(seg_keys), torch.cat(seg_pos),
                                      prior, bs, scale)
-            self._accumulate(ids.tolist(), relative_scores(mass, known).tolist(), known.tolist(), seq_len // bs)
+            self._accumulate(layer, ids.tolist(), relative_scores(mass, known).tolist(), known.tolist(),
+                             seq_len // bs)
 
     def _decode_tables(self, state: LayerState, decode: list[tuple[int, int, int]], tokens: StepTokens,
                        block_table: torch.Tensor, device: torch.device) -> tuple[Any, ...]:
@@ -267,31 +272,37 @@ class AttentionCapture:
         rel = torch.where(known & (total > 0), mass * known.sum(1, keepdim=True) / total.clamp_min(1e-30),
                           torch.zeros_like(mass))
         for i, (block_ids, values, ok) in enumerate(zip(ids.tolist(), rel.tolist(), known.tolist(), strict=True)):
-            self._accumulate(block_ids[:nb[i]], values[:nb[i]], ok[:nb[i]], full[i])
+            self._accumulate(layer, block_ids[:nb[i]], values[:nb[i]], ok[:nb[i]], full[i])
 
-    def _score_proxy(self, state: LayerState, tokens: StepTokens, block_table: torch.Tensor) -> None:
+    def _score_proxy(self, state: LayerState, layer: int, tokens: StepTokens, block_table: torch.Tensor) -> None:
         for r, _, _, seq_len in self._sampled(tokens):
             ids = block_table[r, :-(-seq_len // self.block_size)].long()
             count = state.count[ids]
             inv = state.inv[ids].sum(1) / (count.clamp_min(1.0) * state.inv.shape[1])
             known = count > 0
-            self._accumulate(ids.tolist(), proxy_block_scores(inv, known).tolist(), known.tolist(),
+            self._accumulate(layer, ids.tolist(), proxy_block_scores(inv, known).tolist(), known.tolist(),
                              seq_len // self.block_size)
 
-    def _accumulate(self, ids: list[int], values: list[float], ok: list[bool], full: int) -> None:
-        """Add one request's block scores to this step's. With ``credit == "request"`` the request's full
-        blocks after the first share their mean score: a hit needs the whole prefix, so they live or die
-        together, and which of them a question happened to look at says little about the prefix's worth;
-        the first block (the sink) and the partial last block keep their own."""
+    def _accumulate(self, layer: int, ids: list[int], values: list[float], ok: list[bool], full: int) -> None:
+        """Add one request's block scores in one layer to this step's. With ``credit == "request"`` the
+        request's full blocks after the first share their mean score: a hit needs the whole prefix, so they live
+        or die together, and which of them a question happened to look at says little about the prefix's
+        worth; the first block (the sink) and the partial last block keep their own."""
         self.counters["sampled_requests"] += 1
         if self.credit == "request" and full > 1:
             pooled = [v for v, k in zip(values[1:full], ok[1:full], strict=True) if k]
             if pooled:
                 values[1:full] = [sum(pooled) / len(pooled)] * (full - 1)
+        width = max(len(self._order), layer + 1)
         for block_id, score, good in zip(ids, values, ok, strict=True):
             if good:
-                self._step_sum[block_id] = self._step_sum.get(block_id, 0.0) + score
-                self._step_obs[block_id] = self._step_obs.get(block_id, 0) + 1
+                sums = self._step_sum.setdefault(block_id, [0.0] * width)
+                obs = self._step_obs.setdefault(block_id, [0] * width)
+                if len(sums) < width:
+                    sums += [0.0] * (width - len(sums))
+                    obs += [0] * (width - len(obs))
+                sums[layer] += score
+                obs[layer] += 1
 
     def _flush(self) -> None:
         pending, self._pending = self._pending, []
@@ -328,10 +339,12 @@ class AttentionCapture:
                 buf[at, tokens.rows, tokens.held_offsets] = held.to(buf.dtype)
 
     # ---- step boundary and block identity ----------------------------------------------------------
-    def end_step(self) -> tuple[dict[int, float], set[int]]:
-        """This step's scores by block id (averaged over layer observations) and block ids restarted."""
+    def end_step(self) -> tuple[dict[int, tuple[float, ...]], set[int]]:
+        """This step's scores by block id, one per layer (the mean of that layer's observations; NaN where the
+        layer did not score the block), and the block ids restarted."""
         self._flush()
-        scores = {b: s / self._step_obs[b] for b, s in self._step_sum.items()}
+        scores = {b: tuple(total / n if n else math.nan for total, n in zip(sums, self._step_obs[b], strict=True))
+                  for b, sums in self._step_sum.items()}
         rewritten = self._rewritten
         self._step_sum, self._step_obs, self._rewritten = {}, {}, set()
         self.counters["scored_blocks"] += len(scores)

@@ -1,18 +1,19 @@
 """ScoreFeed: turns per-block-id attention scores from the capture into per-key policy updates.
 
 The worker knows which kvtier key a vLLM block id holds only from what it saves and loads: (key, block id)
-pairs, handed over as plain lists (the feed knows nothing of the connector's metadata types). A block id whose offset 0 is rewritten in a forward holds new content, so its
-key is forgotten. At the end of each step (``wait_for_save``) the feed maps the step's scores to keys and
-hands them, with the scheduler's sink marks and parent links, to the TierStack. Keys saved in this very step
-are still being stored by the transfer pool (policies ignore untracked keys), so the update is applied when
-that step's store future completes.
+pairs, handed over as plain lists (the feed knows nothing of the connector's metadata types). A block id whose
+offset 0 is rewritten in a forward holds new content, so its key is forgotten. At the end of each step
+(``wait_for_save``) the feed maps the step's scores to keys and returns the update for the TierStack (scores,
+the scheduler's sink marks and parent links). Keys saved in this very step are not stored yet (policies ignore
+untracked keys), so the worker runs the update inside that step's store job, right after its put: never in a
+future's done-callback, whose thread and moment depend on timing (a drained save has then also applied its
+scores), and in step order whenever saves are synchronous (``connector.sync_saves``).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
-from concurrent.futures import Future
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from kvtier.attention.capture import AttentionCapture
@@ -81,11 +82,11 @@ class ScoreFeed:
             if self.capture is not None:
                 self.capture.restore(list(pairs))
 
-    def on_step_end(self, saves: Sequence[Pair], sinks: Sequence[bytes], links: Sequence[tuple[bytes, bytes]],
-                    store: Future[None] | None) -> None:
+    def on_step_end(self, saves: Sequence[Pair], sinks: Sequence[bytes],
+                    links: Sequence[tuple[bytes, bytes]]) -> Callable[[], None] | None:
         """The end of a step: the blocks saved in it, first blocks of sequences and prefix links (child,
-        parent) among them; scores apply once ``store`` (the save of those blocks) has landed."""
-        scores: dict[bytes, float] = {}
+        parent) among them. Returns the policy update to run once those blocks are stored (None: nothing)."""
+        scores: dict[bytes, tuple[float, ...]] = {}
         if self.capture is not None:
             by_block, rewritten = self.capture.end_step()
             for block_id in rewritten:
@@ -97,13 +98,11 @@ class ScoreFeed:
             self._block_keys.update((b, k) for k, b in saves)
         sinks, links = list(sinks), list(links)
         if not (scores or sinks or links):
-            return
-        if store is None:
-            self._apply(scores, sinks, links)
-        else:
-            store.add_done_callback(lambda _f: self._apply(scores, sinks, links))
+            return None
+        return lambda: self._apply(scores, sinks, links)
 
-    def _apply(self, scores: dict[bytes, float], sinks: list[bytes], links: list[tuple[bytes, bytes]]) -> None:
+    def _apply(self, scores: dict[bytes, tuple[float, ...]], sinks: list[bytes],
+               links: list[tuple[bytes, bytes]]) -> None:
         try:
             if scores:
                 self.stack.update_scores(scores)

@@ -35,7 +35,9 @@ from kvtier.connector.counters import Counters
 from kvtier.transfer import Fence, FenceWatcher, KVCopier, Slot
 
 log = logging.getLogger("kvtier.worker")
-StoreFn = Callable[[list[bytes], np.ndarray], "Future[None] | None"]  # queue a store; None when it was dropped
+Then = Callable[[], None]  # runs right after a store (attention scores of the step that saved the blocks)
+# queue a store of the records, running ``then`` after it; None when it was dropped (``then`` not run)
+StoreFn = Callable[[list[bytes], np.ndarray, "Then | None"], "Future[None] | None"]
 
 
 @dataclass(eq=False)
@@ -45,6 +47,7 @@ class _Copy:
     keys: list[bytes]
     chunks: list[tuple[Slot, int]]
     stored: Future[None]
+    then: Then | None = None  # runs after the store, or when the store is dropped
     fenced: bool = False  # the compute stream and the loads already wait for it (later work is ordered after)
 
 
@@ -62,9 +65,11 @@ class AsyncSaves:
         self._holds: dict[str, int] = {}  # request -> copies in flight that read its blocks
         self._releases: set[str] = set()  # announced by the scheduler, not reported yet
 
-    def issue(self, saves: Sequence[tuple[bytes, int]], owners: Iterable[str]) -> Future[None] | None:
+    def issue(self, saves: Sequence[tuple[bytes, int]], owners: Iterable[str],
+              then: Then | None = None) -> Future[None] | None:
         """Start copying the blocks of ``saves`` (key, block id) out; the future completes once their store
-        has landed or was dropped. Never waits for the device."""
+        has landed or was dropped, ``then`` having run just before. Never waits for the device. None: nothing
+        was started (``then`` not run)."""
         per_slot = self.pool.chunk_blocks
         slots = self.pool.try_acquire_for_save(-(-len(saves) // per_slot))
         fit = min(len(saves), len(slots) * per_slot)
@@ -86,7 +91,7 @@ class AsyncSaves:
             self.pool.release(slots)
             self._drop(keys)
             return None
-        copy = _Copy(fence, frozenset(owners), keys, chunks, Future())
+        copy = _Copy(fence, frozenset(owners), keys, chunks, Future(), then)
         self._inflight.append(copy)
         for req in copy.reqs:
             self._holds[req] = self._holds.get(req, 0) + 1
@@ -106,10 +111,15 @@ class AsyncSaves:
             records = None
         finally:
             self.pool.release([slot for slot, _ in copy.chunks])
-        future = self._store(copy.keys, records) if records is not None else None
+        future = self._store(copy.keys, records, copy.then) if records is not None else None
         if records is None:
             self._drop(copy.keys)
         if future is None:
+            if copy.then is not None:
+                try:
+                    copy.then()
+                except Exception:
+                    log.exception("kvtier: the work after a dropped store failed")
             copy.stored.set_result(None)
         else:
             future.add_done_callback(lambda _f: copy.stored.set_result(None))

@@ -255,6 +255,9 @@ class WorkerSide:
         meta = self.local(meta)
         self._layer_fences.clear()
         self._step_fence = None
+        # attention scores, sinks, links of this step: applied by the job that stores its blocks, right after
+        # them (so the policy sees them in step order), or now when nothing is stored
+        then = self.scores.on_step_end(meta.saves, meta.sinks, meta.links) if self.scores is not None else None
         future = None
         if meta.saves and self.saver is not None and self.layout is not None:
             start = time.perf_counter()
@@ -262,12 +265,18 @@ class WorkerSide:
             if self.saves.held_bytes + len(keys) * self.layout.block_bytes > self.saves.max_bytes:
                 self._drop_saves(keys)  # the store is behind: no copy either
             else:
-                future = self.saver.issue(meta.saves, meta.save_reqs)
+                future = self.saver.issue(meta.saves, meta.save_reqs, then)
                 if future is not None:
+                    then = None  # the store job runs it
                     self._track(keys, future)  # a load of these keys waits for their copy and store
             self.counters.add(gather_time_s=time.perf_counter() - start)
-        if self.scores is not None:  # attention scores, sinks, links: applied once this store has landed
-            self.scores.on_step_end(meta.saves, meta.sinks, meta.links, future)
+        if then is not None:
+            then()
+        if future is not None and self.cfg.connector.sync_saves:  # stored (and scored) before the step ends
+            try:
+                future.result(timeout=self.cfg.connector.save_timeout_s)
+            except Exception as exc:
+                log.warning("kvtier: a synchronous save did not finish: %s", exc)
 
     def handle_preemptions(self, meta: KVTierMetadata) -> None:
         """Before the forward: blocks freed by preemption may be rewritten in this step; order every writer
@@ -275,8 +284,9 @@ class WorkerSide:
         if self.saver is not None and (meta.preempted or self.fence_every_step):
             self.saver.fence(meta.preempted, everything=self.fence_every_step)
 
-    def _queue_store(self, keys: list[bytes], records: np.ndarray) -> Future[None] | None:
-        future = self.saves.submit(lambda: self._store(keys, records), records.nbytes)
+    def _queue_store(self, keys: list[bytes], records: np.ndarray,
+                     then: Callable[[], None] | None = None) -> Future[None] | None:
+        future = self.saves.submit(lambda: self._store(keys, records, then), records.nbytes)
         if future is None:
             self._drop_saves(keys)
         return future
@@ -286,7 +296,14 @@ class WorkerSide:
         for key in keys:
             self._on_change(key, None)  # the scheduler stops waiting for them
 
-    def _store(self, keys: list[bytes], records: np.ndarray) -> None:
+    def _store(self, keys: list[bytes], records: np.ndarray, then: Callable[[], None] | None = None) -> None:
+        try:
+            self._put(keys, records)
+        finally:
+            if then is not None:
+                then()
+
+    def _put(self, keys: list[bytes], records: np.ndarray) -> None:
         start = time.perf_counter()
         try:
             results = self.stack.put_many([(key, memoryview(records[i])) for i, key in enumerate(keys)])

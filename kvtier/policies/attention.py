@@ -1,4 +1,10 @@
-"""Attention-score-weighted eviction with recency and attention-sink protection, tails before prefixes.
+"""Score-decay eviction (policy ``attention-decay``): attention scores weighted, with recency and attention-sink
+protection, tails before prefixes.
+
+Superseded as the ``attention`` policy by attention_arc.py, which keeps ARC and uses scores only where they
+are measured to predict reuse (this one ranks by scores alone and loses to LRU/ARC where they do not: see
+docs/attention-results.md). Kept as an option; its decay uses the wall clock (``clock``), so its victims depend
+on timing.
 
 Every tracked block carries a score that decays exponentially with a half-life. It starts at
 ``default_score`` when the block is inserted; ``update_scores`` adds reported attention mass, and an access
@@ -30,7 +36,7 @@ from itertools import islice
 from typing import Any
 
 from kvtier.keys import BlockKey
-from kvtier.policies.base import EvictionPolicy
+from kvtier.policies.base import EvictionPolicy, Score, score_value
 
 # (rank, tick of the last insert/access, key): lower is evicted first; among equal ranks the least recent.
 _Entry = tuple[float, int, BlockKey]
@@ -39,7 +45,7 @@ _Entry = tuple[float, int, BlockKey]
 class AttentionPolicy(EvictionPolicy):
     """Lowest decayed attention score per byte first; see the module docstring for the rules."""
 
-    name = "attention"
+    name = "attention-decay"
 
     def __init__(self, *, half_life_s: float = 300.0, protect_recent: int = 4, protect_sinks: bool = True,
                  default_score: float = 1.0, clock: Callable[[], float] = time.monotonic,
@@ -92,12 +98,14 @@ class AttentionPolicy(EvictionPolicy):
         if key in self._sizes:
             self._forget(key)
 
-    def update_scores(self, scores: Mapping[BlockKey, float]) -> None:
-        """Add reported attention mass (negative or NaN values count as 0); untracked keys are ignored."""
+    def update_scores(self, scores: Mapping[BlockKey, Score]) -> None:
+        """Add reported attention mass (a per-layer score counts its mean; negative or NaN values count as 0);
+        untracked keys are ignored."""
         now = self._clock()
         for key, score in scores.items():
             if key in self._sizes:
-                self._add_score(key, score if score > 0 and math.isfinite(score) else 0.0, now)
+                value = score_value(score)
+                self._add_score(key, value if value > 0 and math.isfinite(value) else 0.0, now)
                 self._refresh(key)
 
     def mark_sink(self, keys: Iterable[BlockKey]) -> None:

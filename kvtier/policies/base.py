@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from kvtier.keys import BlockKey
+
+# An attention score: one number, or one number per attention layer (what kvtier.attention reports).
+Score = float | Sequence[float]
+
+
+def score_value(score: Score) -> float:
+    """One number for a score: the mean of a per-layer score's finite entries (0.0 when there are none)."""
+    if isinstance(score, int | float):
+        return float(score)
+    finite = [float(v) for v in score if math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else 0.0
 
 
 class EvictionPolicy(ABC):
@@ -20,7 +32,8 @@ class EvictionPolicy(ABC):
       changes nothing. ``evict(0)`` returns ``[]``. Protected keys are never returned.
     - ``protect``/``unprotect`` mark keys that must not be evicted (e.g. blocks being loaded right now).
     - ``update_scores``, ``mark_sink`` and ``set_parent`` feed attention-aware policies (scores, first blocks of
-      sequences, prefix links); the defaults ignore them.
+      sequences, prefix links); the defaults ignore them. A score is a float or a sequence of per-layer floats
+      (NaN: that layer did not score the block); ``score_value`` turns either into one number.
     - Not thread-safe by itself: the owning tier serialises calls under its lock.
     """
 
@@ -64,7 +77,7 @@ class EvictionPolicy(ABC):
     def is_protected(self, key: BlockKey) -> bool:
         return key in self._protected
 
-    def update_scores(self, scores: Mapping[BlockKey, float]) -> None:
+    def update_scores(self, scores: Mapping[BlockKey, Score]) -> None:
         """Per-block importance; ignored by policies that do not use it."""
 
     def mark_sink(self, keys: Iterable[BlockKey]) -> None:

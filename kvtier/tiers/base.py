@@ -215,14 +215,24 @@ class Tier(ABC):
             self.policy.on_insert(key, size)
             return victims
 
-    def get(self, key: BlockKey) -> bytes | None:
+    def get(self, key: BlockKey, touch: bool = True) -> bytes | None:
+        """The record of ``key`` or None; ``touch=False`` leaves the access to an earlier ``touch_many``."""
         with self._lock:
             if key not in self._sizes:
                 return None
-            self.policy.on_access(key)
+            if touch:
+                self.policy.on_access(key)
             if not self.concurrent_reads:
                 return self._read_or_forget(key)
         return self._read_or_forget(key)
+
+    def touch_many(self, keys: Sequence[BlockKey]) -> None:
+        """Tell the policy that the held ``keys`` are being read, in this order (a parallel read that follows
+        with ``touch=False`` would otherwise record them in whatever order its threads ran)."""
+        with self._lock:
+            for key in keys:
+                if key in self._sizes:
+                    self.policy.on_access(key)
 
     def get_many(self, keys: Sequence[BlockKey]) -> list[bytes | None]:
         """``get`` of each key, same order. Network tiers batch the round trips."""

@@ -116,11 +116,14 @@ class SharedTier(Tier):
         self._commit(key, len(record), delta)
         return victims
 
-    def get(self, key: BlockKey) -> bytes | None:
-        return self.get_many([key])[0]
+    def get(self, key: BlockKey, touch: bool = True) -> bytes | None:
+        return self._get_many([key], touch)[0]
 
     def get_many(self, keys: Sequence[BlockKey]) -> list[bytes | None]:
         """The record of each key (None: absent, unreadable, too large, or not back within the load timeout)."""
+        return self._get_many(keys, True)
+
+    def _get_many(self, keys: Sequence[BlockKey], touch: bool) -> list[bytes | None]:
         if not keys:
             return []
         try:
@@ -142,7 +145,7 @@ class SharedTier(Tier):
                 elif result is _TIMED_OUT:
                     out.append(None)
                 else:  # adopted only if no delete overlapped the read: while ``_reads`` counts this one
-                    out.append(self._after_read(key, result, start_gen))  # type: ignore[arg-type]
+                    out.append(self._after_read(key, result, start_gen, touch))  # type: ignore[arg-type]
         finally:
             with self._lock:
                 self._reads -= 1
@@ -328,7 +331,7 @@ class SharedTier(Tier):
             self._used -= size
             self.policy.on_remove(key)
 
-    def _after_read(self, key: BlockKey, record: bytes | None, start_gen: int) -> bytes | None:
+    def _after_read(self, key: BlockKey, record: bytes | None, start_gen: int, touch: bool = True) -> bytes | None:
         if record is None:
             with self._lock:
                 held = key in self._sizes
@@ -339,8 +342,9 @@ class SharedTier(Tier):
             return None
         with self._lock:
             if key in self._sizes:
-                self.policy.on_access(key)
-            elif not self._deleted_since(key, start_gen) and self._adopt(key, len(record)):
+                if touch:
+                    self.policy.on_access(key)
+            elif not self._deleted_since(key, start_gen) and self._adopt(key, len(record)) and touch:
                 self.policy.on_access(key)
         return record
 

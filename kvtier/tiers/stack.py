@@ -31,6 +31,7 @@ from kvtier.tiers.base import Tier, Victim
 
 if TYPE_CHECKING:
     from kvtier.config import KVTierConfig
+    from kvtier.policies.base import Score
 
 log = logging.getLogger(__name__)
 Found = tuple[bytes, str]  # verified raw bytes and the name of the tier that served them
@@ -245,6 +246,9 @@ class TierStack:
         try:
             if tier.shared and len(keys) > 1:
                 records = tier.get_many(keys)
+            elif len(keys) > 1 and map_fn is not map:
+                tier.touch_many(keys)  # the policy sees the reads in key order, not in thread order
+                records = list(map_fn(lambda key: tier.get(key, touch=False), keys))
             else:
                 records = list(map_fn(tier.get, keys))
         except Exception as exc:  # a tier failing in any way is a miss for these keys, never an error
@@ -319,7 +323,7 @@ class TierStack:
             return self._transit.get(key)
 
     # ---- attention feedback (kvtier.attention): forwarded to every tier's policy under its lock ------
-    def update_scores(self, scores: Mapping[BlockKey, float]) -> None:
+    def update_scores(self, scores: Mapping[BlockKey, Score]) -> None:
         for tier in self.tiers:
             tier.with_policy(lambda policy: policy.update_scores(scores))
 
