@@ -37,8 +37,10 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+
 from kvtier_bench.attention_report import aggregate, markdown, summarize
 from kvtier_bench.families import BLOCK, Req, engaged, hittable, open_source
+from kvtier_bench.runner import cpu_list
 
 SEEDS = "11,23,37,41,59"  # sim_attention.EVAL_SEEDS[:5], fixed before any run
 SHUFFLED = {"name": "kvtier_bench.controls:ShuffledScores", "policy": "attention"}
@@ -98,7 +100,7 @@ def run_policy(name: str, model: str, reqs: list[Req], args: argparse.Namespace,
     with tempfile.TemporaryDirectory() as tmp:
         spec_path, stats = Path(tmp) / "spec.json", Path(tmp) / "stats.json"
         spec_path.write_text(json.dumps(spec))
-        env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND=os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "0-1"),
+        env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND=os.environ.get("VLLM_CPU_OMP_THREADS_BIND", cpu_list()),
                    VLLM_CPU_KVCACHE_SPACE="1", KVTIER_STATS_FILE=str(stats))
         if args.jitter_ms:
             env["KVBENCH_JITTER_MS"] = str(args.jitter_ms)

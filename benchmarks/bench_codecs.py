@@ -30,12 +30,14 @@ import sys
 import tempfile
 from pathlib import Path
 
+
 import numpy as np
 
 from codecs_report import MACHINE_KEYS, machine_info, write_reports
 from kvtier.codecs import ALL_DECODERS, Codec, PlanesCodec, decode_record, encode_record, make_codec
 from kvtier.config import CodecConfig
 from kvtier.plugins import TIERS
+from kvtier_bench.runner import cpu_list
 
 GOAL_RATIO, GOAL_DECODE_GBPS = 1.4, 1.0
 
@@ -168,7 +170,7 @@ def capture(model: str, args: argparse.Namespace, work: str) -> tuple[list[bytes
     spec = {"model": model, "source": args.source, "tokens": args.tokens, "block_size": args.block_size,
             "chunk": args.chunk, "out": out}
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1",
-               VLLM_CPU_OMP_THREADS_BIND=os.environ.get("VLLM_CPU_OMP_THREADS_BIND", f"0-{os.cpu_count() - 1}"))
+               VLLM_CPU_OMP_THREADS_BIND=os.environ.get("VLLM_CPU_OMP_THREADS_BIND", cpu_list()))
     proc = subprocess.run([sys.executable, __file__, "--capture-child", json.dumps(spec)], env=env,
                           capture_output=True, text=True, check=False)
     if proc.returncode != 0:

@@ -1,11 +1,23 @@
-"""TTFT of a reused 2k-token prefix: kvtier DRAM hit vs kvtier disk hit vs recompute vs vLLM's resident
-prefix hit, and kvtier's TTFT/ITL overhead when nothing hits. One engine per configuration, each in its own
-process, all in one run on the same machine; ratios are taken within the run.
+"""The hit path against vLLM's own: TTFT of a reused 2k-token prefix served by vLLM's resident prefix cache, by
+kvtier's DRAM tier and by its disk tier (page cache warm), the recompute, and kvtier's TTFT/ITL overhead when
+nothing hits.
 
-TTFT is the wall time of a 1-token greedy generate of the prompt (prefill + one sampled token). The no-hit
-TTFT and ITL come from a fresh prompt generating 64 tokens through the engine's step loop, with a timestamp
-per token: TTFT = first token - start, ITL = median (and mean) gap between the following tokens.
-Usage: python benchmarks/bench_connector_ttft.py [--size base]
+One engine per configuration, each in its own process, all started first and kept up; the repetitions are
+interleaved (every configuration's rep 1, then rep 2, ...; the order rotates) and only the engine being measured
+runs: the others are stopped (SIGSTOP), so they take no CPU from it. Each rep of an engine, on prompts no engine
+saw before:
+  miss      a 1-token generate of a fresh prompt: the full prefill (nothing holds it)
+  resident  the same again: vLLM's own prefix cache serves it
+  tier      after reset_prefix_cache (the engine stepped until it succeeds): only kvtier can serve it
+  decode    another fresh prompt generating 64 tokens, one engine step at a time: TTFT and the median gap
+Ratios are paired by rep (same prompts, same moment) and summarised as the geometric mean with a 95% bootstrap
+interval over reps.
+
+Guard: the prefill rate (prompt tokens / miss TTFT) of every engine and rep is recorded. A run whose rates
+spread by more than ``--max-rate-spread`` (e.g. one engine's threads oversubscribed, or a busy machine) is
+marked invalid and exits 3; the OMP threads are bound to the cores this process may use (its affinity mask).
+
+Usage: python benchmarks/bench_connector_ttft.py [--size base] [--reps 8] [--out benchmarks/results/ttft_base.json]
 """
 
 from __future__ import annotations
@@ -13,41 +25,36 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import os
 import random
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 BLOCK = 128
+DECODE_TOKENS = 64
 
 
-def prompts(seed: int, n: int, length: int) -> list[list[int]]:
+def prompt(seed: int, length: int) -> list[int]:
     rng = random.Random(seed)
-    return [[rng.randrange(10, 4000) for _ in range(length)] for _ in range(n)]
+    return [rng.randrange(10, 4000) for _ in range(length)]
 
 
-def timed(llm, prompt: list[int], max_tokens: int) -> float:  # type: ignore[no-untyped-def]
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    sampling = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-    start = time.perf_counter()
-    llm.generate([TokensPrompt(prompt_token_ids=prompt)], sampling, use_tqdm=False)
-    return time.perf_counter() - start
-
-
-def stepped(llm, prompt: list[int], max_tokens: int) -> list[float]:  # type: ignore[no-untyped-def]
+# ---- worker process: one engine, commands on stdin ---------------------------------------------------------
+def _generate(llm: Any, tokens: list[int], max_tokens: int) -> list[float]:
     """Seconds from submission to each generated token, driving the engine one step at a time."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     engine = llm.llm_engine
     start = time.perf_counter()
-    engine.add_request(f"fresh-{start}", TokensPrompt(prompt_token_ids=prompt),
+    engine.add_request(f"r-{start}", TokensPrompt(prompt_token_ids=tokens),
                        SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
     stamps: list[float] = []
     while engine.has_unfinished_requests():
@@ -57,45 +64,158 @@ def stepped(llm, prompt: list[int], max_tokens: int) -> list[float]:  # type: ig
     return stamps
 
 
-def worker(spec: dict) -> dict:
+def _reset(llm: Any) -> None:
+    """Drop vLLM's own prefix cache. It refuses while blocks are held, e.g. a finished request's blocks whose
+    save copies an engine step has not reported yet: step the engine until it succeeds."""
+    engine = llm.llm_engine
+    deadline = time.monotonic() + 30
+    while not llm.reset_prefix_cache():
+        if time.monotonic() > deadline:
+            raise RuntimeError("reset_prefix_cache kept failing for 30 s")
+        engine.step()
+        time.sleep(0.01)
+
+
+def worker(spec: dict[str, Any]) -> None:
     from vllm import LLM
     from vllm.config import KVTransferConfig
 
-    kwargs: dict = {}
+    kwargs: dict[str, Any] = {}
     if spec.get("kvtier"):
         kwargs["kv_transfer_config"] = KVTransferConfig(kv_connector="KVTierConnector", kv_role="kv_both",
                                                         kv_connector_extra_config=spec["kvtier"])
     llm = LLM(model=spec["model"], dtype="bfloat16", max_model_len=4096, enforce_eager=True, seed=0,
               block_size=BLOCK, **kwargs)
-    reps, length = spec["reps"], spec["length"]
-    out: dict[str, list[float]] = {"miss_ttft": [], "resident_ttft": [], "tier_ttft": [], "fresh_ttft": [],
-                                   "miss_itl": [], "miss_itl_mean": []}
-    timed(llm, prompts(99, 1, 64)[0], 2)  # warm-up
-    for i, prompt in enumerate(prompts(spec["seed"], reps, length)):
-        out["miss_ttft"].append(timed(llm, prompt, 1))          # nothing cached anywhere: full prefill
-        out["resident_ttft"].append(timed(llm, prompt, 1))      # vLLM's own prefix cache holds it
-        time.sleep(0.5)                                         # let kvtier's async saves land
-        while not llm.reset_prefix_cache():
-            time.sleep(0.2)
-        out["tier_ttft"].append(timed(llm, prompt, 1))          # only kvtier (if enabled) can serve it
-        stamps = stepped(llm, prompts(1000 + spec["seed"] * 100 + i, 1, length)[0], 64)
-        gaps = [b - a for a, b in itertools.pairwise(stamps)]
-        out["fresh_ttft"].append(stamps[0])
-        out["miss_itl"].append(statistics.median(gaps))
-        out["miss_itl_mean"].append(statistics.mean(gaps))
-    return {k: statistics.median(v) for k, v in out.items()}
+    _rep(llm, spec["length"], -1)  # warm-up: one whole rep (allocator, thread pools, files) before any timing
+    print("READY", flush=True)
+    for line in sys.stdin:
+        print("RESULT " + json.dumps(_rep(llm, spec["length"], int(line))), flush=True)
 
 
-def run(spec: dict) -> dict:
-    env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND=os.environ.get("VLLM_CPU_OMP_THREADS_BIND", f"0-{os.cpu_count() - 1}"),
-               VLLM_CPU_KVCACHE_SPACE="2")
-    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], env=env, capture_output=True,
-                          check=False,
-                          text=True)
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[7:])
-    raise RuntimeError(f"{spec.get('name')} failed:\n{proc.stderr[-4000:]}")
+def _rep(llm: Any, length: int, rep: int) -> dict[str, float]:
+    reused = prompt(10_000 + rep, length)
+    out = {"miss": _generate(llm, reused, 1)[0], "resident": _generate(llm, reused, 1)[0]}
+    time.sleep(0.3)  # background saves land (a load would wait for them anyway)
+    _reset(llm)
+    out["tier"] = _generate(llm, reused, 1)[0]
+    stamps = _generate(llm, prompt(20_000 + rep, length), DECODE_TOKENS)
+    out["decode_ttft"] = stamps[0]
+    out["itl"] = statistics.median(b - a for a, b in itertools.pairwise(stamps))
+    _reset(llm)
+    return out
+
+
+# ---- parent ------------------------------------------------------------------------------------------------
+def cpu_list() -> str:
+    cores = sorted(os.sched_getaffinity(0))
+    return ",".join(str(c) for c in cores)
+
+
+class Engine:
+    def __init__(self, name: str, spec: dict[str, Any]) -> None:
+        self.name = name
+        env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND=os.environ.get("VLLM_CPU_OMP_THREADS_BIND", cpu_list()),
+                   VLLM_CPU_KVCACHE_SPACE="2", VLLM_ENABLE_V1_MULTIPROCESSING="0", PYTHONUNBUFFERED="1")
+        self.log = tempfile.NamedTemporaryFile("w+", prefix=f"kvtier-ttft-{name}-", suffix=".log", delete=False)
+        self.proc = subprocess.Popen([sys.executable, __file__, "--worker", json.dumps(spec)], env=env, text=True,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
+                                     start_new_session=True)
+
+    def _line(self, prefix: str) -> str:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith(prefix):
+                return line[len(prefix):]
+        self.log.flush()
+        raise RuntimeError(f"{self.name} exited; its log: {self.log.name}")
+
+    def ready(self) -> None:
+        self._line("READY")
+        self.pause()
+
+    def rep(self, i: int) -> dict[str, float]:
+        assert self.proc.stdin is not None
+        os.killpg(self.proc.pid, signal.SIGCONT)
+        try:
+            self.proc.stdin.write(f"{i}\n")
+            self.proc.stdin.flush()
+            return json.loads(self._line("RESULT "))
+        finally:
+            self.pause()
+
+    def pause(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGSTOP)
+
+    def close(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGCONT)
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def geo_interval(ratios: list[float], seed: int = 0, draws: int = 4000) -> dict[str, Any]:
+    """Geometric mean of paired ratios and its 95% percentile-bootstrap interval."""
+    logs = [math.log(r) for r in ratios]
+    rng = random.Random(seed)
+    means = sorted(statistics.fmean(rng.choice(logs) for _ in logs) for _ in range(draws))
+    return {"ratio": round(math.exp(statistics.fmean(logs)), 4),
+            "ci95": [round(math.exp(means[int(0.025 * draws)]), 4), round(math.exp(means[int(0.975 * draws)]), 4)],
+            "n": len(ratios)}
+
+
+def summarise(raw: dict[str, list[dict[str, float]]], length: int, max_spread: float) -> dict[str, Any]:
+    plain = raw["plain"]
+
+    def paired(name: str, metric: str, base: str) -> dict[str, Any]:
+        return geo_interval([r[metric] / p[base] for r, p in zip(raw[name], plain)])
+
+    medians = {name: {k: round(statistics.median(r[k] for r in reps) * 1000, 2) for k in reps[0]}
+               for name, reps in raw.items()}
+    rates = {name: [round(length / r["miss"]) for r in reps] for name, reps in raw.items()}
+    every = [x for v in rates.values() for x in v]
+    spread = max(every) / min(every)
+    out: dict[str, Any] = {
+        "medians_ms": medians,
+        "prefill_tokens_per_s": rates,
+        "prefill_rate_spread": round(spread, 3),
+        "valid": spread <= max_spread,
+        "hit_vs_resident": {name: paired(name, "tier", "resident") for name in raw if name != "plain"},
+        "hit_vs_recompute": {name: paired(name, "tier", "miss") for name in raw if name != "plain"},
+        "miss_overhead": {name: {"ttft": paired(name, "miss", "miss"), "decode_ttft": paired(name, "decode_ttft",
+                                                                                             "decode_ttft"),
+                                 "itl": paired(name, "itl", "itl")} for name in raw if name != "plain"},
+    }
+    return out
+
+
+def report(summary: dict[str, Any], args: argparse.Namespace, load: tuple[float, float]) -> str:
+    def fmt(x: dict[str, Any]) -> str:
+        return f"{x['ratio']:.3f}x [{x['ci95'][0]:.3f}, {x['ci95'][1]:.3f}]"
+
+    m = summary["medians_ms"]
+    lines = [f"# Hit path: model {args.size}, {args.length} tokens ({(args.length - 1) // BLOCK * BLOCK} reusable), "
+             f"{args.reps} interleaved reps", "",
+             f"Command: `python benchmarks/bench_connector_ttft.py {' '.join(sys.argv[1:])}`; load average "
+             f"{load[0]:.2f} before, {load[1]:.2f} after; OMP threads bound to cores {cpu_list()}.", "",
+             f"Prefill rate (tokens/s, every engine and rep): {min(min(v) for v in summary['prefill_tokens_per_s'].values())}"
+             f"-{max(max(v) for v in summary['prefill_tokens_per_s'].values())}, spread "
+             f"{summary['prefill_rate_spread']:.2f}x: {'valid' if summary['valid'] else 'INVALID (machine disturbed)'}",
+             "", "| configuration | miss TTFT ms | resident hit ms | after reset ms | decode TTFT ms | ITL ms |",
+             "|---|---|---|---|---|---|"]
+    for name, med in m.items():
+        lines.append(f"| {name} | {med['miss']} | {med['resident']} | {med['tier']} | {med['decode_ttft']} | "
+                     f"{med['itl']} |")
+    lines += ["", "Ratios (geometric mean over reps, paired, 95% bootstrap interval):", "",
+              "| configuration | hit / vLLM resident hit | hit / recompute | miss TTFT | decode TTFT | ITL |",
+              "|---|---|---|---|---|---|"]
+    for name in summary["hit_vs_resident"]:
+        o = summary["miss_overhead"][name]
+        lines.append(f"| {name} | {fmt(summary['hit_vs_resident'][name])} | {fmt(summary['hit_vs_recompute'][name])} "
+                     f"| {fmt(o['ttft'])} | {fmt(o['decode_ttft'])} | {fmt(o['itl'])} |")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> int:
@@ -103,50 +223,52 @@ def main() -> int:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--size", default="base", help="kvtier_bench.models size (base is ~100M params)")
     parser.add_argument("--length", type=int, default=2048 + 1)
-    parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--out", default="benchmarks/results/ttft.json")
+    parser.add_argument("--reps", type=int, default=8)
+    parser.add_argument("--configs", default="plain,dram,disk,disk-none")
+    parser.add_argument("--max-rate-spread", type=float, default=1.5)
+    parser.add_argument("--out", default="benchmarks/results/ttft_base.json")
     args = parser.parse_args()
     if args.worker:
-        print("RESULT " + json.dumps(worker(json.loads(args.worker))), flush=True)
+        worker(json.loads(args.worker))
         return 0
     from kvtier_bench.models import build_model
 
-    model = build_model(args.size)
     tmp = Path(tempfile.mkdtemp(prefix="kvtier-ttft-"))
-    base = {"model": model, "reps": args.reps, "length": args.length, "seed": 1}
-    dram = {"tiers": [{"kind": "dram", "capacity": "2GiB"},
-                      {"kind": "disk", "capacity": "4GiB", "path": str(tmp / "d1")}]}
-    disk = {"tiers": [{"kind": "dram", "capacity": "64KiB"},
-                      {"kind": "disk", "capacity": "4GiB", "path": str(tmp / "d2"), "codec": "none"}]}
-    results = {"plain": run({**base, "name": "plain"}),
-               "kvtier_dram": run({**base, "name": "dram", "kvtier": dram}),
-               "kvtier_disk": run({**base, "name": "disk", "kvtier": disk})}
-    recompute = results["plain"]["miss_ttft"]
-    summary = {
-        "recompute_ttft_s": recompute,
-        "vllm_resident_hit_ttft_s": results["plain"]["resident_ttft"],
-        "kvtier_dram_hit_ttft_s": results["kvtier_dram"]["tier_ttft"],
-        "kvtier_disk_hit_ttft_s": results["kvtier_disk"]["tier_ttft"],
-        "plain_after_reset_ttft_s": results["plain"]["tier_ttft"],
-        # no-hit: every prefill of a prompt nothing holds (first run of each reused prompt + the fresh ones)
-        "no_hit_ttft_overhead": statistics.mean([results["kvtier_dram"][k] / results["plain"][k]
-                                                 for k in ("miss_ttft", "fresh_ttft")]),
-        "no_hit_itl_overhead": results["kvtier_dram"]["miss_itl"] / max(results["plain"]["miss_itl"], 1e-9),
-        "no_hit_itl_mean_overhead": results["kvtier_dram"]["miss_itl_mean"] / max(results["plain"]["miss_itl_mean"],
-                                                                                  1e-9),
-    }
-    print(f"model {args.size}, prompt {args.length} tokens ({(args.length - 1) // BLOCK * BLOCK} reusable), "
-          f"median of {args.reps}")
-    for name in ("recompute_ttft_s", "vllm_resident_hit_ttft_s", "kvtier_dram_hit_ttft_s", "kvtier_disk_hit_ttft_s"):
-        print(f"  {name:28} {summary[name] * 1000:8.1f} ms   {recompute / summary[name]:5.2f}x faster than recompute")
-    print(f"  no-hit overhead with kvtier: TTFT x{summary['no_hit_ttft_overhead']:.3f}, "
-          f"ITL median x{summary['no_hit_itl_overhead']:.3f} ({results['kvtier_dram']['miss_itl'] * 1e3:.1f} vs "
-          f"{results['plain']['miss_itl'] * 1e3:.1f} ms), ITL mean x{summary['no_hit_itl_mean_overhead']:.3f}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"summary": summary, "raw": results, "size": args.size,
-                                          "length": args.length}, indent=2))
-    print(f"saved {args.out}")
-    return 0
+    tiers = {"dram": [{"kind": "dram", "capacity": "2GiB"},
+                      {"kind": "disk", "capacity": "4GiB", "path": str(tmp / "dram")}],
+             # a DRAM tier too small for one block: every hit is read from disk (the page cache: warm)
+             "disk": [{"kind": "dram", "capacity": "64KiB"},
+                      {"kind": "disk", "capacity": "4GiB", "path": str(tmp / "disk")}],
+             "disk-none": [{"kind": "dram", "capacity": "64KiB"},
+                           {"kind": "disk", "capacity": "4GiB", "path": str(tmp / "none"), "codec": "none"}]}
+    base = {"model": build_model(args.size), "length": args.length}
+    names = args.configs.split(",")
+    if names[0] != "plain":
+        raise SystemExit("--configs must start with plain (the baseline every ratio is paired with)")
+    load_before = os.getloadavg()[0]
+    engines = [Engine(n, {**base, **({"kvtier": {"tiers": tiers[n]}} if n != "plain" else {})}) for n in names]
+    raw: dict[str, list[dict[str, float]]] = {n: [] for n in names}
+    try:
+        for engine in engines:  # one at a time: a starting engine's threads would slow another's start
+            engine.ready()
+        for rep in range(args.reps):
+            order = engines[rep % len(engines):] + engines[:rep % len(engines)]
+            for engine in order:
+                raw[engine.name].append(engine.rep(rep))
+            print(f"rep {rep + 1}/{args.reps}: " + ", ".join(f"{n} hit {raw[n][-1]['tier'] * 1000:.1f} ms"
+                                                            for n in names), flush=True)
+    finally:
+        for engine in engines:
+            engine.close()
+    summary = summarise(raw, args.length, args.max_rate_spread)
+    text = report(summary, args, (load_before, os.getloadavg()[0]))
+    print(text)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"summary": summary, "raw": raw, "size": args.size, "length": args.length,
+                               "command": sys.argv[1:]}, indent=1))
+    out.with_suffix(".md").write_text(text)
+    return 0 if summary["valid"] else 3
 
 
 if __name__ == "__main__":

@@ -76,6 +76,9 @@ class ConnectorConfig:
     layerwise_load: bool = False
     # Store each step's blocks before the step returns (reproducible benchmarks, debugging).
     sync_saves: bool = False
+    # Freed host memory the worker process keeps (glibc) instead of returning it to the OS, so block-sized
+    # buffers are not page-faulted in on every load and save (kvtier/hostmem.py); 0 leaves the allocator alone.
+    keep_freed_memory: Size = bounded(Size(256 << 20), 0, MAX_SIZE)
 
 
 @dataclass(frozen=True)

@@ -99,3 +99,47 @@ def test_staging_pool_is_bounded_saves_take_half_and_loads_wait_then_time_out() 
     assert len(pool.try_acquire_for_save(2)) == 2
     with pytest.raises(ConfigError, match="connector.staging_bytes"):
         StagingPool(layout.block_bytes, layout.block_bytes, layout.block_bytes, pin=False)
+
+
+@pytest.mark.parametrize("layout", ["cpu", "flash", "mixed"])
+def test_direct_loads_write_host_blocks_like_the_staged_path(layout: str) -> None:
+    """Contiguous host KV caches take loaded records straight into their blocks, in parallel parts; the bytes
+    are those the staged path writes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from kvtier.connector.loading import StagedLoads
+    from kvtier.transfer import DoneFence, FenceWatcher
+
+    src = caches(layout)
+    dim = block_dim(layout)
+    ids = [4, 1, 5, 0, 2]
+    records = copier(src).save_now(ids)
+    staged = {name: torch.zeros_like(t) for name, t in src.items()}
+    copier(staged).load_now([0, 5, 3, 1, 2], records)
+    direct = {name: torch.zeros_like(t) for name, t in src.items()}
+    cp = copier(direct)
+    assert cp.direct_loads and cp.layout.host_rows is not None
+    with ThreadPoolExecutor(2) as pool:
+        loads = StagedLoads(cp, FenceWatcher())
+        fences = loads.copy([0, 5, 3, 1, 2], [bytes(r) for r in records], DoneFence(), pool.map)
+    assert all(f.done() for f in fences)
+    for name in src:
+        assert torch.equal(direct[name], staged[name])
+        assert torch.equal(direct[name].select(dim, 3), src[name].select(dim, 5))
+    with pytest.raises(ValueError, match="bytes for a block"):
+        cp.layout.write_blocks([0], [b"\0" * 7])
+
+
+def test_permuted_or_device_like_views_keep_the_staged_path() -> None:
+    assert KVLayout(caches("permuted"), NUM_BLOCKS).host_rows is None
+    assert not copier(caches("cpu"), "buffered").direct_loads
+
+
+def test_the_worker_keeps_freed_memory_on_glibc_and_can_be_told_not_to() -> None:
+    import platform
+
+    from kvtier.hostmem import keep_freed_memory
+
+    assert keep_freed_memory(0) is False  # 0: the allocator is left alone
+    if platform.libc_ver()[0] == "glibc":
+        assert keep_freed_memory(256 << 20) is True

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from kvtier.codecs.base import Codec
+from kvtier.codecs.base import Codec, RawBytes
 from kvtier.codecs.lz4 import Lz4Codec
 from kvtier.codecs.none import NoneCodec
 from kvtier.codecs.planes import PlanesCodec
@@ -25,7 +25,7 @@ from kvtier.plugins import CODECS
 if TYPE_CHECKING:
     from kvtier.config import CodecConfig
 
-__all__ = ["Codec", "BlockCodec", "Lz4Codec", "NoneCodec", "PlanesCodec", "ZstdCodec", "HEADER_SIZE", "RecordHeader",
+__all__ = ["Codec", "RawBytes", "BlockCodec", "Lz4Codec", "NoneCodec", "PlanesCodec", "ZstdCodec", "HEADER_SIZE", "RecordHeader",
            "make_codec", "decode_record", "encode_record", "max_record_size", "parse_header", "read_header",
            "ALL_DECODERS", "codec_name"]
 
@@ -69,7 +69,7 @@ class BlockCodec:
     def encode(self, key: bytes, raw: bytes | memoryview) -> bytes:
         return encode_record(key, raw, self.codec, self.cfg.shuffle, self.checksum_alg, self.auth_key)
 
-    def decode(self, key: bytes, record: bytes | memoryview, raw_size: int | None = None) -> bytes:
+    def decode(self, key: bytes, record: bytes | memoryview, raw_size: int | None = None) -> RawBytes:
         """Raises CorruptBlockError unless ``record`` is exactly what ``encode(key, raw)`` produced (and ``raw``
         has ``raw_size`` bytes, when given)."""
         return decode_record(record, key, self._decoders, raw_size, self.auth_key)

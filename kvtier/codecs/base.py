@@ -5,6 +5,10 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import ClassVar
 
+# Raw block bytes as codecs hand them back: a decoder may return a view of its payload (no copy) or a buffer
+# it filled; either way read-only to the caller.
+RawBytes = bytes | bytearray | memoryview
+
 
 class Codec(ABC):
     """Contract (tests/test_codecs.py runs it against every codec):
@@ -26,7 +30,7 @@ class Codec(ABC):
         return cls()
 
     @abstractmethod
-    def encode(self, data: bytes | memoryview) -> bytes: ...
+    def encode(self, data: bytes | memoryview) -> bytes | memoryview: ...  # may be a view of ``data``
 
     @abstractmethod
-    def decode(self, payload: bytes | memoryview, raw_size: int) -> bytes: ...
+    def decode(self, payload: bytes | memoryview, raw_size: int) -> RawBytes: ...

@@ -36,6 +36,7 @@ from kvtier.connector.metadata import KVTierMetadata, KVTierWorkerMeta, LoadSpec
 from kvtier.connector.placement import StartupPlacement
 from kvtier.connector.savequeue import SaveQueue
 from kvtier.connector.saving import AsyncSaves
+from kvtier.hostmem import keep_freed_memory
 from kvtier.keys import rank_key
 from kvtier.sharing import SharedPlacement
 from kvtier.tiers.stack import TierStack
@@ -55,6 +56,7 @@ class WorkerSide:
         requests)."""
         self.cfg = cfg
         self.num_blocks = num_blocks
+        keep_freed_memory(int(cfg.connector.keep_freed_memory))
         self.rank, self.world = rank, world  # this worker stores its shard of each block under rank_key(key)
         self._fence_factory = fences
         self.fence_every_step = fence_every_step
@@ -221,7 +223,8 @@ class WorkerSide:
         while good < len(fetched) and fetched[good] is not None and len(fetched[good][0]) == self.layout.block_bytes:
             good += 1
         found = [f for f in fetched[:good] if f is not None]
-        fences = self.loader.copy(spec.block_ids[:good], [raw for raw, _ in found], after) if good else []
+        fences = (self.loader.copy(spec.block_ids[:good], [raw for raw, _ in found], after,
+                                   self.load_pool.map if parallel else map) if good else [])
         return good, [tier for _, tier in found], fences
 
     def _await_saves(self, keys: list[bytes], timeout_s: float = 2.0) -> None:

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from kvtier.codecs import max_record_size
+from kvtier.codecs import RawBytes, max_record_size
 from kvtier.errors import CorruptBlockError, TierError, TierFullError
 from kvtier.keys import BlockKey
 from kvtier.metrics import StoreMetrics
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from kvtier.policies.base import Score
 
 log = logging.getLogger(__name__)
-Found = tuple[bytes, str]  # verified raw bytes and the name of the tier that served them
+Found = tuple[RawBytes, str]  # verified raw bytes (perhaps a view of the record) and the tier that served them
 MapFn = Callable[[Callable[[Any], Any], Iterable[Any]], Iterable[Any]]
 
 
@@ -198,7 +198,7 @@ class TierStack:
         raw = self._decode(src, key, record)
         return None if raw is None else dst.codec.encode(key, raw)
 
-    def _decode(self, tier: Tier, key: BlockKey, record: bytes) -> bytes | None:
+    def _decode(self, tier: Tier, key: BlockKey, record: bytes) -> RawBytes | None:
         """The verified raw bytes of ``tier``'s record, or None for a record that fails verification (counted
         and logged)."""
         try:
@@ -260,7 +260,7 @@ class TierStack:
                 self.metrics.observe(tier.name, "get", each)
         return records
 
-    def _verified(self, tier: Tier, key: BlockKey, record: bytes) -> bytes | None:
+    def _verified(self, tier: Tier, key: BlockKey, record: bytes) -> RawBytes | None:
         raw = self._decode(tier, key, record)
         if raw is None:
             tier.delete(key)
@@ -278,7 +278,7 @@ class TierStack:
                     return raw, tier.name
         return None
 
-    def _promote(self, tier: Tier, key: BlockKey, raw: bytes) -> None:
+    def _promote(self, tier: Tier, key: BlockKey, raw: RawBytes) -> None:
         def promote() -> None:
             if self.tiers[0].contains(key):
                 return

@@ -15,7 +15,7 @@ reorders a chunk into block-major records and ``stage`` writes one record into a
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -66,6 +66,9 @@ class KVLayout:
         first = next(iter(self.tensors.values()))
         self.device = first.device
         self.is_cuda = first.device.type == "cuda"
+        # Host KV caches laid out contiguously: each layer as a byte array [outer, num_blocks, inner] sharing
+        # the tensor's memory, so a loaded record goes straight into its block (one copy, no staging).
+        self.host_rows = _host_rows(list(self.tensors.values()), self.layers, self.num_blocks)
 
     def describe(self) -> str:
         first = self.layers[0]
@@ -121,6 +124,33 @@ class KVLayout:
         for layer in self.layers:
             part = data[n * layer.offset:n * (layer.offset + layer.nbytes)].reshape(layer.outer, n, layer.inner)
             part[:, i, :] = record[layer.offset:layer.offset + layer.nbytes].reshape(layer.outer, layer.inner)
+
+    def write_blocks(self, block_ids: Sequence[int], records: Sequence[bytes | bytearray | memoryview]) -> None:
+        """Copy ``records[i]`` straight into block ``block_ids[i]`` of every layer (``host_rows`` only). Blocks
+        are disjoint, so threads may write different blocks at once (numpy copies release the GIL)."""
+        if self.host_rows is None:
+            raise RuntimeError("direct block writes need contiguous host KV caches")
+        for block_id, record in zip(block_ids, records):
+            data = np.frombuffer(record, dtype=np.uint8)
+            if data.size != self.block_bytes:
+                raise ValueError(f"record of {data.size} bytes for a block of {self.block_bytes}")
+            for layer, rows in zip(self.layers, self.host_rows):
+                rows[:, block_id, :] = data[layer.offset:layer.offset + layer.nbytes].reshape(layer.outer,
+                                                                                              layer.inner)
+
+
+def _host_rows(tensors: list[torch.Tensor], layers: list[LayerLayout], num_blocks: int) -> list[np.ndarray] | None:
+    """Each CPU tensor's bytes as [outer, num_blocks, inner] (a view), or None unless every tensor allows it."""
+    rows: list[np.ndarray] = []
+    for kv, layer in zip(tensors, layers):
+        if kv.device.type != "cpu" or not kv.is_contiguous() or kv.shape[layer.block_dim] != num_blocks:
+            return None
+        try:
+            flat = kv.reshape(-1).view(torch.uint8).numpy()
+        except (RuntimeError, TypeError):  # e.g. a dtype numpy cannot view
+            return None
+        rows.append(flat.reshape(layer.outer, num_blocks, layer.inner))
+    return rows
 
 
 def _word_views(tensors: list[torch.Tensor], block_dims: list[int]) -> list[torch.Tensor]:
