@@ -163,3 +163,31 @@ def test_correctness_check_passes_with_kvtier_serving_blocks(
     assert check["strict"] == check["strict_identical"] == 4, check
     assert check["strict_with_hits"] >= 2 and check["kvtier_loaded_blocks"] >= 1, check
     assert check["timed_run"]["compared"] >= 2
+
+
+def test_the_default_preset_is_in_kvtiers_regime() -> None:
+    """The default preset's distinct history (full blocks, the shared system prompt once) is well beyond what
+    vLLM's KV space holds (3.4x; issue 12 asked for 4x, see the preset's comment for what that cost), and a
+    whole history fits in it (no request waits forever for room)."""
+    from kvtier_bench.workload import generate
+
+    settings = load_settings()
+    assert settings.preset == "chat"
+    model = build_model(settings.model)
+    cfg = json.loads(Path(model, "config.json").read_text())
+    head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
+    token_bytes = cfg["num_hidden_layers"] * 2 * cfg["num_key_value_heads"] * head_dim * 2  # bf16 K and V
+    block = settings.engine.block_size
+    kv_blocks = settings.engine.kv_cache_bytes // (token_bytes * block)
+    workload = generate(settings.workload, load_tokenizer(model))
+    distinct: set[tuple[int, ...]] = set()
+    longest = 0
+    for conv in workload.conversations:
+        history: list[int] = []
+        for turn in conv.turns:
+            history += turn.segment
+            history += [-(conv.conv_id + 1)] * turn.max_tokens  # answers: this conversation's own tokens
+        longest = max(longest, len(history))
+        distinct |= {tuple(history[:end]) for end in range(block, len(history) + 1, block)}
+    assert len(distinct) >= 3.3 * kv_blocks, (len(distinct), kv_blocks)
+    assert longest <= min(kv_blocks * block, settings.engine.max_model_len)
