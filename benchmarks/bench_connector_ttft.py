@@ -196,12 +196,12 @@ def report(summary: dict[str, Any], args: argparse.Namespace, load: tuple[float,
         return f"{x['ratio']:.3f}x [{x['ci95'][0]:.3f}, {x['ci95'][1]:.3f}]"
 
     m = summary["medians_ms"]
+    rates = [x for v in summary["prefill_tokens_per_s"].values() for x in v]
     lines = [f"# Hit path: model {args.size}, {args.length} tokens ({(args.length - 1) // BLOCK * BLOCK} reusable), "
              f"{args.reps} interleaved reps", "",
              f"Command: `python benchmarks/bench_connector_ttft.py {' '.join(sys.argv[1:])}`; load average "
              f"{load[0]:.2f} before, {load[1]:.2f} after; OMP threads bound to cores {cpu_list()}.", "",
-             f"Prefill rate (tokens/s, every engine and rep): {min(min(v) for v in summary['prefill_tokens_per_s'].values())}"
-             f"-{max(max(v) for v in summary['prefill_tokens_per_s'].values())}, spread "
+             f"Prefill rate (tokens/s, every engine and rep): {min(rates)}-{max(rates)}, spread "
              f"{summary['prefill_rate_spread']:.2f}x: {'valid' if summary['valid'] else 'INVALID (machine disturbed)'}",
              "", "| configuration | miss TTFT ms | resident hit ms | after reset ms | decode TTFT ms | ITL ms |",
              "|---|---|---|---|---|---|"]

@@ -25,7 +25,8 @@ from kvtier.plugins import CODECS
 if TYPE_CHECKING:
     from kvtier.config import CodecConfig
 
-__all__ = ["Codec", "RawBytes", "BlockCodec", "Lz4Codec", "NoneCodec", "PlanesCodec", "ZstdCodec", "HEADER_SIZE", "RecordHeader",
+__all__ = ["Codec", "RawBytes", "BlockCodec", "Lz4Codec", "NoneCodec", "PlanesCodec", "ZstdCodec", "HEADER_SIZE",
+           "RecordHeader",
            "make_codec", "decode_record", "encode_record", "max_record_size", "parse_header", "read_header",
            "ALL_DECODERS", "codec_name"]
 

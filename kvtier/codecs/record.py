@@ -114,7 +114,8 @@ def read_header(record: bytes | memoryview) -> RecordHeader:
 
 def decode_record(record: bytes | memoryview, key: bytes, codecs: Mapping[int, Codec],
                   raw_size: int | None = None, auth_key: bytes | None = None) -> RawBytes:
-    """The verified raw bytes of ``record`` (possibly a view into it: copy before ``record`` changes); ``raw_size`` (when given) is the only size accepted. With an
+    """The verified raw bytes of ``record`` (possibly a view into it: copy before ``record`` changes);
+    ``raw_size`` (when given) is the only size accepted. With an
     ``auth_key`` the record must carry a valid MAC."""
     head = read_header(record)
     if head.key != key:

@@ -35,7 +35,7 @@ from kvtier.connector.loading import StagedLoads
 from kvtier.connector.metadata import KVTierMetadata, KVTierWorkerMeta, LoadSpec
 from kvtier.connector.placement import StartupPlacement
 from kvtier.connector.savequeue import SaveQueue
-from kvtier.connector.saving import AsyncSaves
+from kvtier.connector.saving import AsyncSaves, Then
 from kvtier.hostmem import keep_freed_memory
 from kvtier.keys import rank_key
 from kvtier.sharing import SharedPlacement
@@ -288,7 +288,7 @@ class WorkerSide:
             self.saver.fence(meta.preempted, everything=self.fence_every_step)
 
     def _queue_store(self, keys: list[bytes], records: np.ndarray,
-                     then: Callable[[], None] | None = None) -> Future[None] | None:
+                     then: Then | None = None) -> Future[None] | None:
         future = self.saves.submit(lambda: self._store(keys, records, then), records.nbytes)
         if future is None:
             self._drop_saves(keys)
@@ -299,7 +299,7 @@ class WorkerSide:
         for key in keys:
             self._on_change(key, None)  # the scheduler stops waiting for them
 
-    def _store(self, keys: list[bytes], records: np.ndarray, then: Callable[[], None] | None = None) -> None:
+    def _store(self, keys: list[bytes], records: np.ndarray, then: Then | None = None) -> None:
         try:
             self._put(keys, records)
         finally:

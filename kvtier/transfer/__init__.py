@@ -1,6 +1,6 @@
 """Copies between vLLM's paged KV tensors and host memory: the layout of blocks (layout.py; loads into host KV
-caches write blocks directly), the staging pool every other copy goes through (staging.py), the device copies (copier.py, the only code touching CUDA streams) and
-their completion (fences.py). Nothing here imports vLLM."""
+caches write blocks directly), the staging pool every other copy goes through (staging.py), the device copies
+(copier.py, the only code touching CUDA streams) and their completion (fences.py). Nothing here imports vLLM."""
 
 from kvtier.transfer.copier import KVCopier
 from kvtier.transfer.fences import DoneFence, Fence, FenceFactory, FenceWatcher
