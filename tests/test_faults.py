@@ -140,7 +140,9 @@ def test_a_load_that_fails_in_any_way_reports_every_block(tmp_path: Path, is_asy
     def broken_copy(*args: Any) -> None:
         raise RuntimeError("device copy failed")
 
+    # whichever path writes the blocks (staged copies; the placer for host KV caches) fails
     side.loader.copy = broken_copy  # type: ignore[method-assign]
+    side.loader.placer = lambda block_ids: broken_copy  # type: ignore[method-assign]
     side.start_load_kv(KVTierMetadata(loads=[LoadSpec("r", keys, [20, 21, 22], is_async=is_async)]))
     if is_async:
         deadline = time.monotonic() + 10

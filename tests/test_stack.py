@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from kvtier.codecs import HEADER_SIZE, RawBytes
 from kvtier.config import KVTierConfig
-from kvtier.tiers.stack import TierStack
+from kvtier.tiers.stack import Place, TierStack
 
 BLOCK = 64 * 1024
 
@@ -166,3 +168,51 @@ def test_a_block_being_demoted_is_still_served(tmp_path: Path) -> None:
         putter.join(10)
     assert stack.where(key(0)) == "disk" and stack.get(key(0))[0] == data[0]
     assert not stack._transit
+
+
+def _placer(out: dict[int, bytearray], during: Callable[[int], None] = lambda i: None) -> Place:
+    """A destination like the host KV caches: block i lands in ``out[i]`` in 4 parts, each yielded once written;
+    ``during(i)`` runs between the parts (what a concurrent writer could do meanwhile)."""
+    def place(i: int, raw: RawBytes) -> Iterator[memoryview]:
+        dst = out.setdefault(i, bytearray(len(raw)))
+        step = len(raw) // 4
+        for start in range(0, len(raw), step):
+            dst[start:start + step] = raw[start:start + step]
+            yield memoryview(dst)[start:start + step]
+            during(i)
+    return place
+
+
+def test_load_many_lands_blocks_from_every_tier_and_checks_what_landed(tmp_path: Path) -> None:
+    stack = make_stack(tmp_path)
+    data = {i: block(i) for i in range(6)}
+    for i, raw in data.items():
+        stack.put(key(i), raw)  # 0 and 1 spilled to disk (lz4 + shuffle), 2..5 in DRAM (read in place)
+    assert stack.where(key(0)) == "disk" and stack.where(key(5)) == "dram"
+    out: dict[int, bytearray] = {}
+    served = stack.load_many([key(0), key(5), key(99), key(3)], _placer(out))
+    assert served == ["disk", "dram", None, "dram"]
+    assert out[0] == data[0] and out[1] == data[5] and out[3] == data[3] and 2 not in out
+    assert stack.tiers[0].contains(key(0))  # the disk hit was promoted as usual
+
+
+def test_a_dram_record_reused_while_it_is_copied_out_is_a_miss(tmp_path: Path) -> None:
+    """The DRAM tier hands out views of its pool. If the record's pages are rewritten mid-copy (evicted and
+    reused by another block), what landed no longer matches the checksum: a miss, never mixed bytes."""
+    stack = make_stack(tmp_path, dram="256KiB")
+    a, b = block(1), block(2)
+    stack.put(key(1), a)
+    dram = stack.tiers[0]
+    pages, length = dram._pages[key(1)]  # type: ignore[attr-defined]
+    start = pages[0] * dram.page_size  # type: ignore[attr-defined]
+
+    def overwrite(i: int) -> None:  # the pool memory under the view changes half-way through the copy
+        dram._mem[start + HEADER_SIZE:start + length] = b"\xee" * (length - HEADER_SIZE)  # type: ignore[attr-defined]
+
+    out: dict[int, bytearray] = {}
+    assert stack.load_many([key(1)], _placer(out, overwrite)) == [None]
+    assert stack.metrics.snapshot()["dram"]["checksum_failures"] == 1
+    assert not dram.contains(key(1))  # the damaged record is gone; vLLM recomputes the block
+    # A record that stays put while it is copied loads byte-identical.
+    stack.put(key(2), b)
+    assert stack.load_many([key(2)], _placer(out)) == ["dram"] and out[0] == b

@@ -103,12 +103,12 @@ def test_staging_pool_is_bounded_saves_take_half_and_loads_wait_then_time_out() 
 
 @pytest.mark.parametrize("layout", ["cpu", "flash", "mixed"])
 def test_direct_loads_write_host_blocks_like_the_staged_path(layout: str) -> None:
-    """Contiguous host KV caches take loaded records straight into their blocks, in parallel parts; the bytes
-    are those the staged path writes."""
+    """Contiguous host KV caches take loaded records straight into their blocks (the placer, in parallel); the
+    bytes are those the staged path writes, and what the placer yields is the record, in order."""
     from concurrent.futures import ThreadPoolExecutor
 
     from kvtier.connector.loading import StagedLoads
-    from kvtier.transfer import DoneFence, FenceWatcher
+    from kvtier.transfer import FenceWatcher
 
     src = caches(layout)
     dim = block_dim(layout)
@@ -118,21 +118,25 @@ def test_direct_loads_write_host_blocks_like_the_staged_path(layout: str) -> Non
     copier(staged).load_now([0, 5, 3, 1, 2], records)
     direct = {name: torch.zeros_like(t) for name, t in src.items()}
     cp = copier(direct)
-    assert cp.direct_loads and cp.layout.host_rows is not None
+    assert cp.direct and cp.layout.host_rows is not None
+    place = StagedLoads(cp, FenceWatcher()).placer([0, 5, 3, 1, 2])
     with ThreadPoolExecutor(2) as pool:
-        loads = StagedLoads(cp, FenceWatcher())
-        fences = loads.copy([0, 5, 3, 1, 2], [bytes(r) for r in records], DoneFence(), pool.map)
-    assert all(f.done() for f in fences)
+        landed = list(pool.map(lambda i: b"".join(bytes(part) for part in place(i, bytes(records[i]))), range(5)))
+    assert landed == [bytes(r) for r in records]
     for name in src:
         assert torch.equal(direct[name], staged[name])
         assert torch.equal(direct[name].select(dim, 3), src[name].select(dim, 5))
     with pytest.raises(ValueError, match="bytes for a block"):
-        cp.layout.write_blocks([0], [b"\0" * 7])
+        list(cp.layout.place_block(0, b"\0" * 7))
+    # Saves the same way: blocks straight into records, the bytes the staged path gives.
+    out = np.empty((len(ids), cp.layout.block_bytes), dtype=np.uint8)
+    copier(src).layout.read_blocks(ids, out)
+    assert [bytes(r) for r in out] == [bytes(r) for r in records]
 
 
 def test_permuted_or_device_like_views_keep_the_staged_path() -> None:
     assert KVLayout(caches("permuted"), NUM_BLOCKS).host_rows is None
-    assert not copier(caches("cpu"), "buffered").direct_loads
+    assert not copier(caches("cpu"), "buffered").direct
 
 
 def test_the_worker_keeps_freed_memory_on_glibc_and_can_be_told_not_to() -> None:

@@ -12,9 +12,11 @@ from kvtier.codecs.planes import PlanesCodec
 from kvtier.codecs.record import (
     HEADER_SIZE,
     RecordHeader,
+    checksum_parts,
     decode_record,
     encode_record,
     max_record_size,
+    open_record,
     parse_header,
     read_header,
 )
@@ -26,9 +28,8 @@ if TYPE_CHECKING:
     from kvtier.config import CodecConfig
 
 __all__ = ["Codec", "RawBytes", "BlockCodec", "Lz4Codec", "NoneCodec", "PlanesCodec", "ZstdCodec", "HEADER_SIZE",
-           "RecordHeader",
-           "make_codec", "decode_record", "encode_record", "max_record_size", "parse_header", "read_header",
-           "ALL_DECODERS", "codec_name"]
+           "RecordHeader", "make_codec", "checksum_parts", "decode_record", "open_record", "encode_record",
+           "max_record_size", "parse_header", "read_header", "ALL_DECODERS", "codec_name"]
 
 # The built-in codecs can decode any record they wrote, whatever the tier's current settings.
 ALL_DECODERS: dict[int, Codec] = {c.codec_id: c for c in (NoneCodec(), Lz4Codec(), ZstdCodec(), PlanesCodec())}
@@ -74,6 +75,11 @@ class BlockCodec:
         """Raises CorruptBlockError unless ``record`` is exactly what ``encode(key, raw)`` produced (and ``raw``
         has ``raw_size`` bytes, when given)."""
         return decode_record(record, key, self._decoders, raw_size, self.auth_key)
+
+    def open(self, key: bytes, record: bytes | memoryview,
+             raw_size: int | None = None) -> tuple[RawBytes, RecordHeader]:
+        """``decode`` without the final checksum: the caller checksums the bytes where it copied them."""
+        return open_record(record, key, self._decoders, raw_size, self.auth_key)
 
     def same_format(self, other: BlockCodec) -> bool:
         return self.cfg == other.cfg and self.checksum_alg == other.checksum_alg and self.auth_key == other.auth_key

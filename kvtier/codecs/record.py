@@ -12,7 +12,8 @@ signs every record and refuses any record whose MAC is missing or wrong.
 anything is allocated), the MAC when it holds a key, and the checksum of the decoded bytes, so a record that
 was truncated, flipped, overwritten with another block, forged or garbage raises CorruptBlockError; it never
 returns wrong bytes and never lets a codec's own exception through. ``parse_header`` reads a header without
-the payload (inspect, gc, size checks before a read).
+the payload (inspect, gc, size checks before a read). ``open_record`` stops short of the checksum, for a
+caller that copies the bytes to where they are used and checksums what landed there (``checksum_parts``).
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ import hashlib
 import hmac
 import struct
 import zlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import xxhash
 
@@ -75,6 +77,21 @@ def checksum(data: bytes | memoryview, alg_id: int) -> int:
     raise CorruptBlockError(f"unknown checksum algorithm id {alg_id}")
 
 
+def checksum_parts(parts: Iterable[Any], alg_id: int) -> int:
+    """``checksum`` of the concatenation of ``parts`` (contiguous buffers, e.g. numpy rows), without joining them."""
+    if alg_id == 1:
+        state = xxhash.xxh3_64()
+        for part in parts:
+            state.update(part)
+        return state.intdigest()
+    if alg_id == 2:
+        crc = 0
+        for part in parts:
+            crc = zlib.crc32(part, crc)
+        return crc
+    raise CorruptBlockError(f"unknown checksum algorithm id {alg_id}")
+
+
 def max_record_size(raw_size: int) -> int:
     """An upper bound on the size of any valid record of ``raw_size`` raw bytes (codecs may expand a little)."""
     return HEADER_SIZE + raw_size + raw_size // 64 + 1024 + MAC_SIZE
@@ -117,6 +134,16 @@ def decode_record(record: bytes | memoryview, key: bytes, codecs: Mapping[int, C
     """The verified raw bytes of ``record`` (possibly a view into it: copy before ``record`` changes);
     ``raw_size`` (when given) is the only size accepted. With an
     ``auth_key`` the record must carry a valid MAC."""
+    raw, head = open_record(record, key, codecs, raw_size, auth_key)
+    if checksum(raw, head.checksum_alg) != head.checksum:
+        raise CorruptBlockError("checksum mismatch")
+    return raw
+
+
+def open_record(record: bytes | memoryview, key: bytes, codecs: Mapping[int, Codec],
+                raw_size: int | None = None, auth_key: bytes | None = None) -> tuple[RawBytes, RecordHeader]:
+    """``decode_record`` but the last check: the raw bytes, NOT yet verified, and the header whose checksum they
+    must match. For callers that copy the bytes first and checksum what landed (``checksum_parts``)."""
     head = read_header(record)
     if head.key != key:
         raise CorruptBlockError("record belongs to a different key")
@@ -140,7 +167,4 @@ def decode_record(record: bytes | memoryview, key: bytes, codecs: Mapping[int, C
         raise CorruptBlockError(f"payload does not decode: {type(exc).__name__}: {exc}") from exc
     if len(body) != head.raw_size:
         raise CorruptBlockError(f"payload decoded to {len(body)} bytes, header says {head.raw_size}")
-    raw = unshuffle16(body) if head.shuffled else body
-    if checksum(raw, head.checksum_alg) != head.checksum:
-        raise CorruptBlockError("checksum mismatch")
-    return raw
+    return (unshuffle16(body) if head.shuffled else body), head

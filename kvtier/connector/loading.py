@@ -1,17 +1,14 @@
 """StagedLoads: fetched block records into the blocks vLLM allocated: through the staging pool to a device, or
-straight into host KV caches (the CPU build), in parallel."""
+(``placer``) straight into host KV caches (the CPU build), where the stack checksums what landed."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import numpy as np
 
-from kvtier.transfer import DoneFence, Fence, FenceWatcher, KVCopier, Slot
-
-MapFn = Callable[[Callable[[Any], Any], Iterable[Any]], Iterator[Any]]
-DIRECT_SPLIT_BYTES = 4 << 20  # a direct load is split into parts of about this size, written in parallel
+from kvtier.tiers.stack import Place
+from kvtier.transfer import Fence, FenceWatcher, KVCopier, Slot
 
 
 class StagedLoads:
@@ -21,20 +18,12 @@ class StagedLoads:
         self.layout = copier.layout
         self._watcher = watcher
 
-    def copy(self, block_ids: Sequence[int], records: Sequence[bytes | bytearray | memoryview], after: Fence,
-             map_fn: MapFn = map) -> list[Fence]:
+    def copy(self, block_ids: Sequence[int], records: Sequence[bytes | bytearray | memoryview],
+             after: Fence) -> list[Fence]:
         """Copy ``records[i]`` into block ``block_ids[i]`` once ``after`` is done, in rounds of as many staging
         chunks as are free (waiting for one while none is: back-pressure). Returns the last round's fences, one
         per layer; by stream order they cover the earlier rounds. Slots return to the pool as their round
-        completes. Raises StagingTimeout; copies already issued then still complete. Host KV caches are written
-        directly (complete on return), in parts spread over ``map_fn``."""
-        if self.copier.direct_loads:
-            per_part = max(1, DIRECT_SPLIT_BYTES // self.layout.block_bytes)
-            parts = [range(i, min(i + per_part, len(block_ids))) for i in range(0, len(block_ids), per_part)]
-            for _ in map_fn(lambda r: self.layout.write_blocks(block_ids[r.start:r.stop], records[r.start:r.stop]),
-                            parts):
-                pass
-            return [DoneFence() for _ in self.layout.layers]
+        completes. Raises StagingTimeout; copies already issued then still complete."""
         per_slot = self.pool.chunk_blocks
         fences: list[Fence] = []
         pos = 0
@@ -56,6 +45,11 @@ class StagedLoads:
             else:
                 self._watcher.watch(fences[-1], lambda done=slots: self.pool.release(done))
         return fences
+
+    def placer(self, block_ids: Sequence[int]) -> Place:
+        """Host KV caches (``copier.direct``): where TierStack.load_many writes record i, straight into
+        block ``block_ids[i]`` (no staging, one copy; complete on return)."""
+        return lambda i, raw: self.layout.place_block(block_ids[i], raw)
 
     def _stage(self, slot: Slot, block_ids: Sequence[int], records: Sequence[bytes | bytearray | memoryview]) -> None:
         n = len(block_ids)

@@ -218,13 +218,17 @@ class WorkerSide:
         if len(spec.keys) != len(spec.block_ids):
             raise ValueError(f"{len(spec.keys)} keys for {len(spec.block_ids)} blocks")
         self._await_saves(spec.keys)
-        fetched = self.stack.get_many(spec.keys, self.load_pool.map if parallel else map)
+        map_fn = self.load_pool.map if parallel else map
+        if self.copier is not None and self.copier.direct:  # host KV caches: records land in their blocks
+            served = self.stack.load_many(spec.keys, self.loader.placer(spec.block_ids), map_fn)
+            good = next((i for i, tier in enumerate(served) if tier is None), len(served))
+            return good, [tier for tier in served[:good] if tier is not None], [DoneFence() for _ in self.layout.layers]
+        fetched = self.stack.get_many(spec.keys, map_fn)
         good = 0
         while good < len(fetched) and fetched[good] is not None and len(fetched[good][0]) == self.layout.block_bytes:
             good += 1
         found = [f for f in fetched[:good] if f is not None]
-        fences = (self.loader.copy(spec.block_ids[:good], [raw for raw, _ in found], after,
-                                   self.load_pool.map if parallel else map) if good else [])
+        fences = self.loader.copy(spec.block_ids[:good], [raw for raw, _ in found], after) if good else []
         return good, [tier for _, tier in found], fences
 
     def _await_saves(self, keys: list[bytes], timeout_s: float = 2.0) -> None:

@@ -226,6 +226,11 @@ class Tier(ABC):
                 return self._read_or_forget(key)
         return self._read_or_forget(key)
 
+    def view(self, key: BlockKey, touch: bool = True) -> bytes | memoryview | None:
+        """``get``, but the record may be a view of the tier's own memory that a later write changes (no copy):
+        only for a caller that copies the bytes out and verifies the copy (TierStack.load_many)."""
+        return self.get(key, touch)
+
     def touch_many(self, keys: Sequence[BlockKey]) -> None:
         """Tell the policy that the held ``keys`` are being read, in this order (a parallel read that follows
         with ``touch=False`` would otherwise record them in whatever order its threads ran)."""

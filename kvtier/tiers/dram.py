@@ -150,6 +150,22 @@ class DramTier(Tier):
             left -= n
         return parts[0].tobytes() if len(parts) == 1 else b"".join(parts)
 
+    def view(self, key: BlockKey, touch: bool = True) -> bytes | memoryview | None:
+        """A record in consecutive pages is handed out as a view of the pool (no copy); its pages may be reused
+        by a later write, which the caller's checksum of what it copied out catches."""
+        with self._lock:
+            entry = self._pages.get(key)
+            if entry is None or self._pool is None or key not in self._sizes:
+                return None
+            if touch:
+                self.policy.on_access(key)
+            pages, length = entry
+            runs = _runs(pages)
+            if len(runs) > 1:
+                return self._read(key)
+            start = runs[0][0] * self.page_size
+            return self._mem[start:start + length]
+
     def _discard(self, key: BlockKey) -> None:
         self._release(key)
 
@@ -175,5 +191,8 @@ class DramTier(Tier):
             self._used = 0
             self._record_bytes = 0
             self._free = list(range(self.num_pages - 1, -1, -1))
-            self._mem.release()
+            try:
+                self._mem.release()
+            except BufferError:  # a load still holds a view: the pool goes when the last view does
+                pass
             self._pool = None

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from kvtier.codecs import RawBytes, max_record_size
+from kvtier.codecs import RawBytes, checksum_parts, max_record_size
 from kvtier.errors import CorruptBlockError, TierError, TierFullError
 from kvtier.keys import BlockKey
 from kvtier.metrics import StoreMetrics
@@ -35,6 +35,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 Found = tuple[RawBytes, str]  # verified raw bytes (perhaps a view of the record) and the tier that served them
+# Copies block i's raw bytes to where they are used, yielding that memory in record order as each part lands.
+Place = Callable[[int, RawBytes], Iterable[Any]]
 MapFn = Callable[[Callable[[Any], Any], Iterable[Any]], Iterable[Any]]
 
 
@@ -198,7 +200,7 @@ class TierStack:
         raw = self._decode(src, key, record)
         return None if raw is None else dst.codec.encode(key, raw)
 
-    def _decode(self, tier: Tier, key: BlockKey, record: bytes) -> RawBytes | None:
+    def _decode(self, tier: Tier, key: BlockKey, record: bytes | memoryview) -> RawBytes | None:
         """The verified raw bytes of ``tier``'s record, or None for a record that fails verification (counted
         and logged)."""
         try:
@@ -216,6 +218,17 @@ class TierStack:
     def get_many(self, keys: Sequence[BlockKey], map_fn: MapFn = map) -> list[Found | None]:
         """``get`` of each key (same order). Local tiers read and verify through ``map_fn`` (e.g. a thread
         pool's map, for parallel reads); shared tiers fetch the keys they may hold in one batch."""
+        return self._fetch(keys, map_fn, None)
+
+    def load_many(self, keys: Sequence[BlockKey], place: Place, map_fn: MapFn = map) -> list[str | None]:
+        """``get_many`` straight into the caller's memory: ``place(i, raw)`` copies key i's bytes to where they
+        are used and yields that memory, in record order, as each part lands. The checksum is taken over what
+        it yields, so the top tier's records are read in place (``Tier.view``, no copy) and a record that
+        changes while it is copied is a miss like a corrupt one. Returns the serving tier per key, or None; a
+        miss's memory may have been written (the caller must not use it)."""
+        return [None if found is None else found[1] for found in self._fetch(keys, map_fn, place)]
+
+    def _fetch(self, keys: Sequence[BlockKey], map_fn: MapFn, place: Place | None) -> list[Found | None]:
         found: list[Found | None] = [None] * len(keys)
         landed = self._landed
         missing = list(range(len(keys)))
@@ -223,34 +236,38 @@ class TierStack:
             wanted = [i for i in missing if tier.shared or tier.contains(keys[i])]
             if not wanted:
                 continue
-            records = self._read(tier, [keys[i] for i in wanted], map_fn)
+            # views only where nothing keeps the bytes: a promotion keeps them, so lower tiers hand out copies
+            records = self._read(tier, [keys[i] for i in wanted], map_fn, view=place is not None and index == 0)
             jobs = [(i, rec) for i, rec in zip(wanted, records) if rec is not None]
-            for i, raw in zip([i for i, _ in jobs], map_fn(lambda job: self._verified(tier, keys[job[0]], job[1]),
-                                                            jobs)):
+            for i, raw in zip([i for i, _ in jobs],
+                              map_fn(lambda job: self._verified(tier, keys[job[0]], job[1], job[0], place), jobs)):
                 if raw is not None:
                     found[i] = (raw, tier.name)
                     if index > 0 and self.promote_on_hit:
                         self._promote(tier, keys[i], raw)
             missing = [i for i in missing if found[i] is None]
         for i in missing:  # a demotion in flight, or one that landed below a tier we had already passed
-            found[i] = self._get_in_transit(keys[i])
+            found[i] = self._get_in_transit(keys[i], i, place)
             if found[i] is None and self._landed != landed:
-                found[i] = self._rescan(keys[i])
+                found[i] = self._rescan(keys[i], i, place)
             if found[i] is None:
                 self.metrics.add("all", "misses")
                 self.on_change(keys[i], self.where(keys[i]))
         return found
 
-    def _read(self, tier: Tier, keys: list[BlockKey], map_fn: MapFn) -> list[bytes | None]:
+    def _read(self, tier: Tier, keys: list[BlockKey], map_fn: MapFn,
+              view: bool = False) -> list[bytes | memoryview | None]:
         start = time.perf_counter()
+        records: list[bytes | memoryview | None]
         try:
             if tier.shared and len(keys) > 1:
-                records = tier.get_many(keys)
+                records = list(tier.get_many(keys))
             elif len(keys) > 1 and map_fn is not map:
                 tier.touch_many(keys)  # the policy sees the reads in key order, not in thread order
-                records = list(map_fn(lambda key: tier.get(key, touch=False), keys))
+                read = tier.view if view else tier.get
+                records = list(map_fn(lambda key: read(key, touch=False), keys))
             else:
-                records = list(map_fn(tier.get, keys))
+                records = list(map_fn(tier.view if view else tier.get, keys))
         except Exception as exc:  # a tier failing in any way is a miss for these keys, never an error
             self._fail(tier, "read", exc)
             return [None] * len(keys)
@@ -260,8 +277,11 @@ class TierStack:
                 self.metrics.observe(tier.name, "get", each)
         return records
 
-    def _verified(self, tier: Tier, key: BlockKey, record: bytes) -> RawBytes | None:
-        raw = self._decode(tier, key, record)
+    def _verified(self, tier: Tier, key: BlockKey, record: bytes | memoryview, i: int = 0,
+                  place: Place | None = None) -> RawBytes | None:
+        """The record's verified raw bytes (placed as ``i`` first, with ``place``), or None: then the record is
+        deleted (it failed verification) or was not placed."""
+        raw = self._decode(tier, key, record) if place is None else self._land(tier, key, record, i, place)
         if raw is None:
             tier.delete(key)
             self.on_change(key, self.where(key))
@@ -269,11 +289,23 @@ class TierStack:
         self._count_hit(tier.name, len(record))
         return raw
 
-    def _rescan(self, key: BlockKey) -> Found | None:
+    def _land(self, tier: Tier, key: BlockKey, record: bytes | memoryview, i: int, place: Place) -> RawBytes | None:
+        """Copy the record's raw bytes through ``place`` and verify what landed: the raw bytes, or None."""
+        try:
+            raw, head = tier.codec.open(key, record, self.raw_size)
+            if checksum_parts(place(i, raw), head.checksum_alg) != head.checksum:
+                raise CorruptBlockError("checksum mismatch (of the bytes copied out)")
+            return raw
+        except CorruptBlockError as exc:
+            self.metrics.add(tier.name, "checksum_failures")
+            self._fail(tier, "corrupt", exc)
+            return None
+
+    def _rescan(self, key: BlockKey, i: int = 0, place: Place | None = None) -> Found | None:
         for tier in self.tiers:
             if tier.contains(key):
                 record = self._read(tier, [key], map)[0]
-                raw = None if record is None else self._verified(tier, key, record)
+                raw = None if record is None else self._verified(tier, key, record, i, place)
                 if raw is not None:
                     return raw, tier.name
         return None
@@ -283,7 +315,7 @@ class TierStack:
             if self.tiers[0].contains(key):
                 return
             try:
-                if self._put_into(0, key, self.tiers[0].codec.encode(key, raw)):
+                if self._put_into(0, key, self.tiers[0].codec.encode(key, raw), cascade=False):  # it is below
                     self.metrics.add(tier.name, "promotions")
             except Exception as exc:  # a promotion is an optimisation; never fail a load over it
                 self._fail(self.tiers[0], "promote", exc)
@@ -293,13 +325,13 @@ class TierStack:
         else:
             self.background(promote)
 
-    def _get_in_transit(self, key: BlockKey) -> Found | None:
+    def _get_in_transit(self, key: BlockKey, i: int = 0, place: Place | None = None) -> Found | None:
         """A block being demoted, served from the record in hand (in its source tier's format)."""
         moving = self._moving(key)
         if moving is None:
             return None
         tier = self.tiers[moving[0]]
-        raw = self._decode(tier, key, moving[1])
+        raw = self._decode(tier, key, moving[1]) if place is None else self._land(tier, key, moving[1], i, place)
         if raw is None:
             return None
         self._count_hit(tier.name, len(moving[1]))

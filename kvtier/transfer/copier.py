@@ -43,9 +43,9 @@ class KVCopier:
         self.cuda = layout.is_cuda
         self.buffered = self.cuda if buffered is None else buffered
         self._new_fence = fences or default_fence
-        # Loads write host KV caches directly (one copy, no staging) when copies are plain and complete when
-        # issued: the CPU build, unless a fence factory emulates copies still in flight.
-        self.direct_loads = not self.buffered and fences is None and layout.host_rows is not None
+        # Loads and saves go straight between host KV caches and records (one copy, no staging) when copies are
+        # plain and complete when issued: the CPU build, unless a fence factory emulates copies still in flight.
+        self.direct = not self.buffered and fences is None and layout.host_rows is not None
         self._load_lock = threading.Lock()  # loads come from the engine thread and from async-load threads
         self.buffer_bytes = buffer_bytes or min(max(COPY_BYTES, pool.chunk_blocks * layout.max_layer_bytes),
                                                 pool.slot_bytes)

@@ -15,7 +15,7 @@ reorders a chunk into block-major records and ``stage`` writes one record into a
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -125,18 +125,31 @@ class KVLayout:
             part = data[n * layer.offset:n * (layer.offset + layer.nbytes)].reshape(layer.outer, n, layer.inner)
             part[:, i, :] = record[layer.offset:layer.offset + layer.nbytes].reshape(layer.outer, layer.inner)
 
-    def write_blocks(self, block_ids: Sequence[int], records: Sequence[bytes | bytearray | memoryview]) -> None:
-        """Copy ``records[i]`` straight into block ``block_ids[i]`` of every layer (``host_rows`` only). Blocks
-        are disjoint, so threads may write different blocks at once (numpy copies release the GIL)."""
+    def place_block(self, block_id: int, raw: bytes | bytearray | memoryview) -> Iterator[np.ndarray]:
+        """Copy one record straight into block ``block_id`` of every layer (``host_rows`` only), yielding each
+        part of the block right after writing it (in record order, while it is still in cache): a caller
+        checksums what landed. Blocks are disjoint: threads may place different blocks at once."""
         if self.host_rows is None:
             raise RuntimeError("direct block writes need contiguous host KV caches")
-        for block_id, record in zip(block_ids, records):
-            data = np.frombuffer(record, dtype=np.uint8)
-            if data.size != self.block_bytes:
-                raise ValueError(f"record of {data.size} bytes for a block of {self.block_bytes}")
+        data = np.frombuffer(raw, dtype=np.uint8)
+        if data.size != self.block_bytes:
+            raise ValueError(f"record of {data.size} bytes for a block of {self.block_bytes}")
+        for layer, rows in zip(self.layers, self.host_rows):
+            src = data[layer.offset:layer.offset + layer.nbytes].reshape(layer.outer, layer.inner)
+            for outer in range(layer.outer):
+                row = rows[outer, block_id]
+                row[:] = src[outer]
+                yield row
+
+
+    def read_blocks(self, block_ids: Sequence[int], out: np.ndarray) -> None:
+        """Block ``block_ids[i]`` of every layer into ``out[i]`` (a record; ``host_rows`` only): one copy."""
+        if self.host_rows is None:
+            raise RuntimeError("direct block reads need contiguous host KV caches")
+        for record, block_id in zip(out, block_ids):
             for layer, rows in zip(self.layers, self.host_rows):
-                rows[:, block_id, :] = data[layer.offset:layer.offset + layer.nbytes].reshape(layer.outer,
-                                                                                              layer.inner)
+                record[layer.offset:layer.offset + layer.nbytes].reshape(layer.outer, layer.inner)[:] = \
+                    rows[:, block_id, :]
 
 
 def _host_rows(tensors: list[torch.Tensor], layers: list[LayerLayout], num_blocks: int) -> list[np.ndarray] | None:
