@@ -17,6 +17,8 @@ The protocol with vLLM 0.32 (scheduler half in scheduler.py, worker half here):
    chunks) it fences every copy in flight.
 5. When a copy is done the watcher thread reorders its slots into block-major records in ordinary memory,
    returns the slots and queues the store (bounded by ``connector.max_pending_save_bytes``).
+Host KV caches (the CPU build) skip the staging: ``issue`` copies the blocks straight into records, done when
+it returns, so no copy is ever in flight and steps 3-4 have nothing to wait for.
 Blocks shared through vLLM's prefix cache are reference-counted by vLLM: a block stays allocated while any
 holder has it, a request whose release is delayed here included.
 """
@@ -70,6 +72,8 @@ class AsyncSaves:
         """Start copying the blocks of ``saves`` (key, block id) out; the future completes once their store
         has landed or was dropped, ``then`` having run just before. Never waits for the device. None: nothing
         was started (``then`` not run)."""
+        if self.copier.direct:  # host KV caches: blocks go straight into records, done on return
+            return self._issue_direct(saves, then)
         per_slot = self.pool.chunk_blocks
         slots = self.pool.try_acquire_for_save(-(-len(saves) // per_slot))
         fit = min(len(saves), len(slots) * per_slot)
@@ -98,6 +102,19 @@ class AsyncSaves:
         self._watcher.watch(fence, lambda: self._landed(copy))  # off the engine thread, also when already done
         return copy.stored
 
+    def _issue_direct(self, saves: Sequence[tuple[bytes, int]], then: Then | None) -> Future[None] | None:
+        keys = [key for key, _ in saves]
+        records = np.empty((len(saves), self.layout.block_bytes), dtype=np.uint8)
+        try:
+            self.layout.read_blocks([block_id for _, block_id in saves], records)
+        except Exception as exc:  # a failed copy costs this step's saves, never the engine
+            log.warning("kvtier: copying %d blocks out for saving failed: %s", len(keys), exc)
+            self._drop(keys)
+            return None
+        stored: Future[None] = Future()
+        self._hand_over(keys, records, then, stored)
+        return stored
+
     def _landed(self, copy: _Copy) -> None:
         """Once the copy is done: records out of the slots, slots back, store queued."""
         records: np.ndarray | None = np.empty((len(copy.keys), self.layout.block_bytes), dtype=np.uint8)
@@ -111,18 +128,24 @@ class AsyncSaves:
             records = None
         finally:
             self.pool.release([slot for slot, _ in copy.chunks])
-        future = self._store(copy.keys, records, copy.then) if records is not None else None
+        self._hand_over(copy.keys, records, copy.then, copy.stored)
+
+    def _hand_over(self, keys: list[bytes], records: np.ndarray | None, then: Then | None,
+                   stored: Future[None]) -> None:
+        """Queue the store of ``records`` (None: the copy failed); ``stored`` completes once it has landed or
+        was dropped, ``then`` having run either way."""
+        future = self._store(keys, records, then) if records is not None else None
         if records is None:
-            self._drop(copy.keys)
+            self._drop(keys)
         if future is None:
-            if copy.then is not None:
+            if then is not None:
                 try:
-                    copy.then()
+                    then()
                 except Exception:
                     log.exception("kvtier: the work after a dropped store failed")
-            copy.stored.set_result(None)
+            stored.set_result(None)
         else:
-            future.add_done_callback(lambda _f: copy.stored.set_result(None))
+            future.add_done_callback(lambda _f: stored.set_result(None))
 
     # ---- delayed release --------------------------------------------------------------------------
     def poll(self) -> None:
