@@ -9,7 +9,8 @@ saw before:
   miss      a 1-token generate of a fresh prompt: the full prefill (nothing holds it)
   resident  the same again: vLLM's own prefix cache serves it
   tier      after reset_prefix_cache (the engine stepped until it succeeds): only kvtier can serve it
-  decode    another fresh prompt generating 64 tokens, one engine step at a time: TTFT and the median gap
+  decode    another fresh prompt generating --decode-tokens tokens, one engine step at a time: TTFT and the
+            median gap between tokens (ITL)
 Ratios are paired by rep (same prompts, same moment) and summarised as the geometric mean with a 95% bootstrap
 interval over reps.
 
@@ -38,7 +39,6 @@ from pathlib import Path
 from typing import Any
 
 BLOCK = 128
-DECODE_TOKENS = 64
 
 
 def prompt(seed: int, length: int) -> list[int]:
@@ -86,19 +86,19 @@ def worker(spec: dict[str, Any]) -> None:
                                                         kv_connector_extra_config=spec["kvtier"])
     llm = LLM(model=spec["model"], dtype="bfloat16", max_model_len=4096, enforce_eager=True, seed=0,
               block_size=BLOCK, **kwargs)
-    _rep(llm, spec["length"], -1)  # warm-up: one whole rep (allocator, thread pools, files) before any timing
+    _rep(llm, spec["length"], -1, spec["decode"])  # warm-up: a whole rep (allocator, pools, files) before timing
     print("READY", flush=True)
     for line in sys.stdin:
-        print("RESULT " + json.dumps(_rep(llm, spec["length"], int(line))), flush=True)
+        print("RESULT " + json.dumps(_rep(llm, spec["length"], int(line), spec["decode"])), flush=True)
 
 
-def _rep(llm: Any, length: int, rep: int) -> dict[str, float]:
+def _rep(llm: Any, length: int, rep: int, decode: int) -> dict[str, float]:
     reused = prompt(10_000 + rep, length)
     out = {"miss": _generate(llm, reused, 1)[0], "resident": _generate(llm, reused, 1)[0]}
     time.sleep(0.3)  # background saves land (a load would wait for them anyway)
     _reset(llm)
     out["tier"] = _generate(llm, reused, 1)[0]
-    stamps = _generate(llm, prompt(20_000 + rep, length), DECODE_TOKENS)
+    stamps = _generate(llm, prompt(20_000 + rep, length), decode)
     out["decode_ttft"] = stamps[0]
     out["itl"] = statistics.median(b - a for a, b in itertools.pairwise(stamps))
     _reset(llm)
@@ -198,7 +198,7 @@ def report(summary: dict[str, Any], args: argparse.Namespace, load: tuple[float,
     m = summary["medians_ms"]
     rates = [x for v in summary["prefill_tokens_per_s"].values() for x in v]
     lines = [f"# Hit path: model {args.size}, {args.length} tokens ({(args.length - 1) // BLOCK * BLOCK} reusable), "
-             f"{args.reps} interleaved reps", "",
+             f"{args.reps} interleaved reps, {args.decode_tokens} decode tokens", "",
              f"Command: `python benchmarks/bench_connector_ttft.py {' '.join(sys.argv[1:])}`; load average "
              f"{load[0]:.2f} before, {load[1]:.2f} after; OMP threads bound to cores {cpu_list()}.", "",
              f"Prefill rate (tokens/s, every engine and rep): {min(rates)}-{max(rates)}, spread "
@@ -224,6 +224,7 @@ def main() -> int:
     parser.add_argument("--size", default="base", help="kvtier_bench.models size (base is ~100M params)")
     parser.add_argument("--length", type=int, default=2048 + 1)
     parser.add_argument("--reps", type=int, default=8)
+    parser.add_argument("--decode-tokens", type=int, default=128, help="tokens generated for the ITL")
     parser.add_argument("--configs", default="plain,dram,disk,disk-none")
     parser.add_argument("--max-rate-spread", type=float, default=1.5)
     parser.add_argument("--out", default="benchmarks/results/ttft_base.json")
@@ -241,7 +242,7 @@ def main() -> int:
                       {"kind": "disk", "capacity": "4GiB", "path": str(tmp / "disk")}],
              "disk-none": [{"kind": "dram", "capacity": "64KiB"},
                            {"kind": "disk", "capacity": "4GiB", "path": str(tmp / "none"), "codec": "none"}]}
-    base = {"model": build_model(args.size), "length": args.length}
+    base = {"model": build_model(args.size), "length": args.length, "decode": args.decode_tokens}
     names = args.configs.split(",")
     if names[0] != "plain":
         raise SystemExit("--configs must start with plain (the baseline every ratio is paired with)")
