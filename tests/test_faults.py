@@ -154,6 +154,21 @@ def test_a_load_that_fails_in_any_way_reports_every_block(tmp_path: Path, is_asy
     side.shutdown()
 
 
+def test_save_nice_lowers_only_the_save_threads_priority(tmp_path: Path) -> None:
+    """connector.save_nice: the stores give way to the engine's threads; the engine thread keeps its priority."""
+    import threading
+
+    def own_nice() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    before = own_nice()
+    side = worker_over([{"kind": "dram", "capacity": "4MiB"}], save_nice=7)
+    future = side.saves.submit(own_nice)
+    assert future is not None and future.result(timeout=10) == min(19, before + 7)
+    assert own_nice() == before
+    side.shutdown()
+
+
 # ---- 12. reset ---------------------------------------------------------------------------------------------
 
 def test_reset_is_prompt_forgets_local_blocks_and_never_deletes_shared_ones(tmp_path: Path,

@@ -4,11 +4,14 @@ A save holds a host copy of its blocks until it has been stored. ``submit`` refu
 bytes held past ``max_bytes`` (the caller counts it as dropped: a dropped save is only a future miss), so a
 slow store (S3 at 1 MB/s under saves at 10 MB/s) cannot grow memory without bound. ``close`` waits at most
 its timeout, then cancels what is still queued; threads stuck in a network call are daemons and never hold
-up the engine's exit.
+up the engine's exit. ``nice`` lowers the threads' scheduling priority (Linux), so they give way to the
+engine's own threads.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import queue
 import threading
 import time
@@ -17,11 +20,13 @@ from concurrent.futures import Future
 from typing import Any
 
 _STOP = object()
+log = logging.getLogger(__name__)
 
 
 class SaveQueue:
-    def __init__(self, threads: int, max_bytes: int, name: str = "kvtier-save") -> None:
+    def __init__(self, threads: int, max_bytes: int, name: str = "kvtier-save", nice: int = 0) -> None:
         self.max_bytes = max_bytes
+        self.nice = nice
         self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._held = 0
@@ -74,6 +79,12 @@ class SaveQueue:
         return cancelled
 
     def _run(self) -> None:
+        if self.nice:
+            try:  # a thread is a task on Linux: this lowers this thread only
+                tid = threading.get_native_id()
+                os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + self.nice)
+            except (AttributeError, OSError) as exc:
+                log.warning("kvtier: cannot lower the save threads' priority (connector.save_nice): %s", exc)
         while True:
             job = self._jobs.get()
             if job is _STOP:
