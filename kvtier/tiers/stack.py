@@ -200,11 +200,17 @@ class TierStack:
         raw = self._decode(src, key, record)
         return None if raw is None else dst.codec.encode(key, raw)
 
-    def _decode(self, tier: Tier, key: BlockKey, record: bytes | memoryview) -> RawBytes | None:
+    def _decode(self, tier: Tier, key: BlockKey, record: bytes | memoryview, i: int = 0,
+                place: Place | None = None) -> RawBytes | None:
         """The verified raw bytes of ``tier``'s record, or None for a record that fails verification (counted
-        and logged)."""
+        and logged). With ``place`` they are copied through it as block ``i`` and what landed is verified."""
         try:
-            return tier.codec.decode(key, record, self.raw_size)
+            if place is None:
+                return tier.codec.decode(key, record, self.raw_size)
+            raw, head = tier.codec.open(key, record, self.raw_size)
+            if checksum_parts(place(i, raw), head.checksum_alg) != head.checksum:
+                raise CorruptBlockError("checksum mismatch (of the bytes copied out)")
+            return raw
         except CorruptBlockError as exc:
             self.metrics.add(tier.name, "checksum_failures")
             self._fail(tier, "corrupt", exc)
@@ -281,25 +287,13 @@ class TierStack:
                   place: Place | None = None) -> RawBytes | None:
         """The record's verified raw bytes (placed as ``i`` first, with ``place``), or None: then the record is
         deleted (it failed verification) or was not placed."""
-        raw = self._decode(tier, key, record) if place is None else self._land(tier, key, record, i, place)
+        raw = self._decode(tier, key, record, i, place)
         if raw is None:
             tier.delete(key)
             self.on_change(key, self.where(key))
             return None
         self._count_hit(tier.name, len(record))
         return raw
-
-    def _land(self, tier: Tier, key: BlockKey, record: bytes | memoryview, i: int, place: Place) -> RawBytes | None:
-        """Copy the record's raw bytes through ``place`` and verify what landed: the raw bytes, or None."""
-        try:
-            raw, head = tier.codec.open(key, record, self.raw_size)
-            if checksum_parts(place(i, raw), head.checksum_alg) != head.checksum:
-                raise CorruptBlockError("checksum mismatch (of the bytes copied out)")
-            return raw
-        except CorruptBlockError as exc:
-            self.metrics.add(tier.name, "checksum_failures")
-            self._fail(tier, "corrupt", exc)
-            return None
 
     def _rescan(self, key: BlockKey, i: int = 0, place: Place | None = None) -> Found | None:
         for tier in self.tiers:
@@ -331,7 +325,7 @@ class TierStack:
         if moving is None:
             return None
         tier = self.tiers[moving[0]]
-        raw = self._decode(tier, key, moving[1]) if place is None else self._land(tier, key, moving[1], i, place)
+        raw = self._decode(tier, key, moving[1], i, place)
         if raw is None:
             return None
         self._count_hit(tier.name, len(moving[1]))
