@@ -26,17 +26,16 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import math
 import os
 import random
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from kvtier_bench.procs import EngineProcess, cpu_list, fmt_ratio, geo_interval
 
 BLOCK = 128
 
@@ -106,66 +105,6 @@ def _rep(llm: Any, length: int, rep: int, decode: int) -> dict[str, float]:
 
 
 # ---- parent ------------------------------------------------------------------------------------------------
-def cpu_list() -> str:
-    cores = sorted(os.sched_getaffinity(0))
-    return ",".join(str(c) for c in cores)
-
-
-class Engine:
-    def __init__(self, name: str, spec: dict[str, Any]) -> None:
-        self.name = name
-        env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND=os.environ.get("VLLM_CPU_OMP_THREADS_BIND", cpu_list()),
-                   VLLM_CPU_KVCACHE_SPACE="2", VLLM_ENABLE_V1_MULTIPROCESSING="0", PYTHONUNBUFFERED="1")
-        self.log = tempfile.NamedTemporaryFile("w+", prefix=f"kvtier-ttft-{name}-", suffix=".log", delete=False)
-        self.proc = subprocess.Popen([sys.executable, __file__, "--worker", json.dumps(spec)], env=env, text=True,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
-                                     start_new_session=True)
-
-    def _line(self, prefix: str) -> str:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            if line.startswith(prefix):
-                return line[len(prefix):]
-        self.log.flush()
-        raise RuntimeError(f"{self.name} exited; its log: {self.log.name}")
-
-    def ready(self) -> None:
-        self._line("READY")
-        self.pause()
-
-    def rep(self, i: int) -> dict[str, float]:
-        assert self.proc.stdin is not None
-        os.killpg(self.proc.pid, signal.SIGCONT)
-        try:
-            self.proc.stdin.write(f"{i}\n")
-            self.proc.stdin.flush()
-            return json.loads(self._line("RESULT "))
-        finally:
-            self.pause()
-
-    def pause(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGSTOP)
-
-    def close(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGCONT)
-        if self.proc.stdin is not None:
-            self.proc.stdin.close()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-
-
-def geo_interval(ratios: list[float], seed: int = 0, draws: int = 4000) -> dict[str, Any]:
-    """Geometric mean of paired ratios and its 95% percentile-bootstrap interval."""
-    logs = [math.log(r) for r in ratios]
-    rng = random.Random(seed)
-    means = sorted(statistics.fmean(rng.choice(logs) for _ in logs) for _ in range(draws))
-    return {"ratio": round(math.exp(statistics.fmean(logs)), 4),
-            "ci95": [round(math.exp(means[int(0.025 * draws)]), 4), round(math.exp(means[int(0.975 * draws)]), 4)],
-            "n": len(ratios)}
-
-
 def summarise(raw: dict[str, list[dict[str, float]]], length: int, max_spread: float) -> dict[str, Any]:
     plain = raw["plain"]
 
@@ -192,9 +131,6 @@ def summarise(raw: dict[str, list[dict[str, float]]], length: int, max_spread: f
 
 
 def report(summary: dict[str, Any], args: argparse.Namespace, load: tuple[float, float]) -> str:
-    def fmt(x: dict[str, Any]) -> str:
-        return f"{x['ratio']:.3f}x [{x['ci95'][0]:.3f}, {x['ci95'][1]:.3f}]"
-
     m = summary["medians_ms"]
     rates = [x for v in summary["prefill_tokens_per_s"].values() for x in v]
     lines = [f"# Hit path: model {args.size}, {args.length} tokens ({(args.length - 1) // BLOCK * BLOCK} reusable), "
@@ -213,8 +149,9 @@ def report(summary: dict[str, Any], args: argparse.Namespace, load: tuple[float,
               "|---|---|---|---|---|---|"]
     for name in summary["hit_vs_resident"]:
         o = summary["miss_overhead"][name]
-        lines.append(f"| {name} | {fmt(summary['hit_vs_resident'][name])} | {fmt(summary['hit_vs_recompute'][name])} "
-                     f"| {fmt(o['ttft'])} | {fmt(o['decode_ttft'])} | {fmt(o['itl'])} |")
+        cells = [summary["hit_vs_resident"][name], summary["hit_vs_recompute"][name], o["ttft"], o["decode_ttft"],
+                 o["itl"]]
+        lines.append(f"| {name} | " + " | ".join(fmt_ratio(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -247,7 +184,8 @@ def main() -> int:
     if names[0] != "plain":
         raise SystemExit("--configs must start with plain (the baseline every ratio is paired with)")
     load_before = os.getloadavg()[0]
-    engines = [Engine(n, {**base, **({"kvtier": {"tiers": tiers[n]}} if n != "plain" else {})}) for n in names]
+    engines = [EngineProcess(n, __file__, {**base, **({"kvtier": {"tiers": tiers[n]}} if n != "plain" else {})},
+                             {"VLLM_CPU_KVCACHE_SPACE": "2"}) for n in names]
     raw: dict[str, list[dict[str, float]]] = {n: [] for n in names}
     try:
         for engine in engines:  # one at a time: a starting engine's threads would slow another's start
@@ -255,7 +193,7 @@ def main() -> int:
         for rep in range(args.reps):
             order = engines[rep % len(engines):] + engines[:rep % len(engines)]
             for engine in order:
-                raw[engine.name].append(engine.rep(rep))
+                raw[engine.name].append(engine.run(str(rep)))
             print(f"rep {rep + 1}/{args.reps}: " + ", ".join(f"{n} hit {raw[n][-1]['tier'] * 1000:.1f} ms"
                                                             for n in names), flush=True)
     finally:

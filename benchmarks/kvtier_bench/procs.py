@@ -1,0 +1,88 @@
+"""Engines in their own processes for the micro-benchmarks under ``benchmarks/``, and paired-ratio statistics.
+
+A benchmark script runs itself as ``script --worker SPEC`` (one vLLM engine per process, commands on stdin, one
+``RESULT <json>`` line per command). ``EngineProcess`` keeps the engine stopped (SIGSTOP) except while it runs a
+command, so idle engines take no CPU from the one being measured; its OMP threads are bound to the cores this
+process may use.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+from typing import Any
+
+
+def cpu_list() -> str:
+    return ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))
+
+
+class EngineProcess:
+    def __init__(self, name: str, script: str, spec: dict[str, Any], env: dict[str, str] | None = None) -> None:
+        self.name = name
+        full = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND=os.environ.get("VLLM_CPU_OMP_THREADS_BIND", cpu_list()),
+                    VLLM_ENABLE_V1_MULTIPROCESSING="0", PYTHONUNBUFFERED="1", **(env or {}))
+        self.log = tempfile.NamedTemporaryFile("w+", prefix=f"kvtier-{name}-", suffix=".log", delete=False)
+        self.proc = subprocess.Popen([sys.executable, script, "--worker", json.dumps(spec)], env=full, text=True,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
+                                     start_new_session=True)
+
+    def _line(self, prefix: str) -> str:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith(prefix):
+                return line[len(prefix):]
+        self.log.flush()
+        raise RuntimeError(f"{self.name} exited; its log: {self.log.name}")
+
+    def ready(self) -> None:
+        """Wait for the worker's READY line (engine up, warm-up done), then stop it."""
+        self._line("READY")
+        self.pause()
+
+    def run(self, command: str) -> Any:
+        """Resume the engine, send one command line, return its RESULT (parsed JSON), stop it again."""
+        assert self.proc.stdin is not None
+        os.killpg(self.proc.pid, signal.SIGCONT)
+        try:
+            self.proc.stdin.write(command + "\n")
+            self.proc.stdin.flush()
+            return json.loads(self._line("RESULT "))
+        finally:
+            self.pause()
+
+    def pause(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGSTOP)
+
+    def close(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGCONT)
+        except ProcessLookupError:  # already gone
+            pass
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def geo_interval(ratios: list[float], seed: int = 0, draws: int = 4000) -> dict[str, Any]:
+    """Geometric mean of paired ratios and its 95% percentile-bootstrap interval."""
+    logs = [math.log(r) for r in ratios]
+    rng = random.Random(seed)
+    means = sorted(statistics.fmean(rng.choice(logs) for _ in logs) for _ in range(draws))
+    return {"ratio": round(math.exp(statistics.fmean(logs)), 4),
+            "ci95": [round(math.exp(means[int(0.025 * draws)]), 4), round(math.exp(means[int(0.975 * draws)]), 4)],
+            "n": len(ratios)}
+
+
+def fmt_ratio(x: dict[str, Any]) -> str:
+    return f"{x['ratio']:.3f}x [{x['ci95'][0]:.3f}, {x['ci95'][1]:.3f}]"

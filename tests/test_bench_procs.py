@@ -1,0 +1,59 @@
+"""kvtier_bench.procs: the engine-process protocol of the micro-benchmarks and their paired-ratio statistics."""
+
+from __future__ import annotations
+
+import math
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from kvtier_bench.procs import EngineProcess, geo_interval
+
+
+def test_geo_interval_of_equal_ratios_is_that_ratio_with_no_spread() -> None:
+    out = geo_interval([2.0] * 6)
+    assert out == {"ratio": 2.0, "ci95": [2.0, 2.0], "n": 6}
+
+
+def test_geo_interval_is_the_geometric_mean_and_brackets_it() -> None:
+    ratios = [0.5, 2.0, 1.0, 4.0, 0.25, 1.0]
+    out = geo_interval(ratios)
+    assert out["ratio"] == pytest.approx(math.prod(ratios) ** (1 / len(ratios)), abs=1e-4)
+    low, high = out["ci95"]
+    assert low < out["ratio"] < high
+    assert geo_interval(ratios) == out  # seeded: the same interval every time
+
+
+def test_engine_process_runs_commands_between_pauses(tmp_path: Path) -> None:
+    script = tmp_path / "echo_worker.py"
+    script.write_text(textwrap.dedent("""
+        import json, os, sys
+        spec = json.loads(sys.argv[2])
+        print("noise before ready", flush=True)
+        print("READY", flush=True)
+        for line in sys.stdin:
+            print("RESULT " + json.dumps({"n": int(line) * spec["scale"], "pid": os.getpid()}), flush=True)
+    """))
+    engine = EngineProcess("echo", str(script), {"scale": 3})
+    try:
+        engine.ready()
+        state = Path(f"/proc/{engine.proc.pid}/stat").read_text().split()[2]
+        assert state == "T"  # stopped while idle: it takes no CPU from the engine being measured
+        assert engine.run("4") == {"n": 12, "pid": engine.proc.pid}
+        assert engine.run("5")["n"] == 15
+    finally:
+        engine.close()
+    assert engine.proc.returncode == 0
+
+
+def test_engine_process_that_dies_names_its_log(tmp_path: Path) -> None:
+    script = tmp_path / "dies.py"
+    script.write_text("import sys\nprint('boom', file=sys.stderr)\nsys.exit(1)\n")
+    engine = EngineProcess("dies", str(script), {})
+    try:
+        with pytest.raises(RuntimeError, match="dies exited; its log: "):
+            engine.ready()
+        assert "boom" in Path(engine.log.name).read_text()
+    finally:
+        engine.close()
