@@ -53,6 +53,26 @@ def test_spill_to_disk_then_promote_back(tmp_path: Path) -> None:
     assert snap["disk"]["hits"] >= 1 and snap["disk"]["promotions"] >= 1 and snap["dram"]["demotions"] >= 1
 
 
+def test_an_evicted_block_the_tier_below_holds_is_not_copied_out_again(tmp_path: Path) -> None:
+    stack = make_stack(tmp_path)
+    data = {i: block(i) for i in range(10)}
+    for i, raw in data.items():
+        stack.put(key(i), raw)
+    assert stack.get(key(0)) == (data[0], "disk")  # promoted into DRAM, and still on disk
+    assert stack.tiers[0].contains(key(0)) and stack.tiers[1].contains(key(0))
+    dram = stack.tiers[0]
+    read_out: list[bytes] = []
+    real_read = dram._read
+    dram._read = lambda k: read_out.append(k) or real_read(k)  # type: ignore[method-assign]
+    for i in range(10, 14):  # four more blocks push block 0 (and others) out of DRAM
+        stack.put(key(i), block(i))
+    assert not dram.contains(key(0))
+    assert key(0) not in read_out  # the disk tier holds it: nothing to demote
+    assert read_out  # blocks the disk does not hold yet were still read out and demoted
+    assert stack.where(key(0)) == "disk" and stack.get(key(0)) == (data[0], "disk")
+    assert stack.metrics.snapshot()["dram"].get("drops", 0) == 0
+
+
 def test_get_many_serves_each_key_from_its_tier_in_order(tmp_path: Path) -> None:
     stack = make_stack(tmp_path, promote_on_hit=False)
     data = {i: block(i) for i in range(8)}

@@ -77,6 +77,9 @@ class Tier(ABC):
     shared: ClassVar[bool] = False  # other instances may store into it: a miss in the local index still asks
     # True when ``_read`` is safe without the lock (e.g. files replaced atomically): parallel reads overlap.
     concurrent_reads: ClassVar[bool] = False
+    # Set by the stack: whether the tier below holds a key (an index lookup). An evicted block it holds is not
+    # read back out for demotion (e.g. a block promoted from disk and evicted again).
+    held_below: Callable[[BlockKey], bool] | None = None
 
     def __init__(self, name: str, capacity: int, codec: BlockCodec, policy: EvictionPolicy) -> None:
         self.name = name
@@ -297,12 +300,14 @@ class Tier(ABC):
 
     # ---- helpers ----------------------------------------------------------------------------------
     def _take(self, key: BlockKey) -> Victim:
-        """Remove an evicted key, returning its record for demotion (None if it cannot be read)."""
-        try:
-            record = self._read(key)
-        except TierError as exc:
-            log.warning("tier %s: cannot read victim for demotion: %s", self.name, exc)
-            record = None
+        """Remove an evicted key, returning its record for demotion (None if it cannot be read, or when
+        ``held_below`` says the next tier down holds the block already: nothing to copy out)."""
+        record: bytes | None = None
+        if self.held_below is None or not self.held_below(key):
+            try:
+                record = self._read(key)
+            except TierError as exc:
+                log.warning("tier %s: cannot read victim for demotion: %s", self.name, exc)
         self._drop(key)
         return key, record
 

@@ -55,6 +55,8 @@ class TierStack:
         if not tiers:
             raise ValueError("a TierStack needs at least one tier")
         self.tiers = list(tiers)
+        for upper, lower in zip(self.tiers, self.tiers[1:]):
+            upper.held_below = lower.contains
         self.promote_on_hit = promote_on_hit
         self.write_through = [t for t in self.tiers if t.name in set(write_through)]
         self.metrics = metrics or StoreMetrics()
@@ -180,11 +182,12 @@ class TierStack:
 
     def _demote(self, index: int, victim: Victim) -> None:
         key, record = victim
-        if index + 1 < len(self.tiers) and record is not None:
+        if index + 1 < len(self.tiers):
             lower = self.tiers[index + 1]
-            if lower.contains(key):
+            if lower.contains(key):  # then the tier did not read the record out (Tier.held_below)
                 self.on_change(key, lower.name)
                 return
+        if index + 1 < len(self.tiers) and record is not None:
             converted = self._convert(index, key, record)
             if converted is not None and self._put_into(index + 1, key, converted):
                 self.metrics.add(self.tiers[index].name, "demotions")
