@@ -73,6 +73,35 @@ def test_an_evicted_block_the_tier_below_holds_is_not_copied_out_again(tmp_path:
     assert stack.metrics.snapshot()["dram"].get("drops", 0) == 0
 
 
+def test_a_top_tier_too_small_for_one_block_is_skipped_and_named(tmp_path: Path, caplog) -> None:
+    stack = make_stack(tmp_path, dram="64KiB")  # a 64 KiB block plus its header takes five 16 KiB pages
+    encoded: list[bytes] = []
+    real_encode = stack.tiers[0].codec.encode
+    stack.tiers[0].codec.encode = lambda k, raw: encoded.append(k) or real_encode(k, raw)  # type: ignore[method-assign]
+    with caplog.at_level("WARNING"):
+        stack.raw_size = BLOCK
+    assert "tier dram" in caplog.text and "cannot hold one block" in caplog.text
+    data = {i: block(i) for i in range(3)}
+    for i, raw in data.items():
+        assert stack.put(key(i), raw)
+    for i, raw in data.items():
+        assert stack.get(key(i)) == (raw, "disk")  # served from disk, and not promoted
+    assert encoded == []  # no record was made for a tier that would refuse it
+    snap = stack.metrics.snapshot()
+    assert snap.get("dram", {}).get("errors", 0) == 0 and snap["disk"]["puts"] == 3
+
+
+def test_a_stack_whose_every_tier_is_too_small_refuses_puts(tmp_path: Path) -> None:
+    cfg = KVTierConfig.from_dict({"tiers": [
+        {"kind": "dram", "capacity": "64KiB", "page_size": "16KiB"},
+        {"kind": "disk", "capacity": "64KiB", "path": str(tmp_path / "disk"), "codec": "none"},
+    ]}, env={})
+    stack = TierStack.from_config(cfg)
+    stack.raw_size = BLOCK  # a record is 64 KiB plus a header: neither tier can ever hold one
+    assert stack.put(key(1), block(1)) is False
+    assert stack.get(key(1)) is None
+
+
 def test_get_many_serves_each_key_from_its_tier_in_order(tmp_path: Path) -> None:
     stack = make_stack(tmp_path, promote_on_hit=False)
     data = {i: block(i) for i in range(8)}

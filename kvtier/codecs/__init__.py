@@ -11,6 +11,7 @@ from kvtier.codecs.none import NoneCodec
 from kvtier.codecs.planes import PlanesCodec
 from kvtier.codecs.record import (
     HEADER_SIZE,
+    MAC_SIZE,
     RecordHeader,
     checksum_parts,
     decode_record,
@@ -80,6 +81,11 @@ class BlockCodec:
              raw_size: int | None = None) -> tuple[RawBytes, RecordHeader]:
         """``decode`` without the final checksum: the caller checksums the bytes where it copied them."""
         return open_record(record, key, self._decoders, raw_size, self.auth_key)
+
+    def min_record_size(self, raw_size: int) -> int:
+        """The fewest bytes a record of ``raw_size`` raw bytes can take (a compressing codec: the header)."""
+        payload = raw_size if isinstance(self.codec, NoneCodec) else 0
+        return HEADER_SIZE + payload + (MAC_SIZE if self.auth_key else 0)
 
     def same_format(self, other: BlockCodec) -> bool:
         return self.cfg == other.cfg and self.checksum_alg == other.checksum_alg and self.auth_key == other.auth_key

@@ -180,6 +180,10 @@ class Tier(ABC):
     def __len__(self) -> int:
         return len(self._sizes)
 
+    def can_hold(self, record_size: int) -> bool:
+        """Whether a record of ``record_size`` bytes fits in this tier at all (when it is empty)."""
+        return not self.capacity or self._footprint(record_size) <= self.capacity
+
     def contains(self, key: BlockKey) -> bool:
         return key in self._sizes
 

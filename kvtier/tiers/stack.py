@@ -66,6 +66,7 @@ class TierStack:
         # Runs promotions off the caller's path when set (e.g. a thread pool's submit); inline otherwise.
         self.background = background
         self._raw_size: int | None = None
+        self._top = 0  # the first tier that can hold a block: saves and promotions go there
         # Victims between eviction and their landing one tier down: key -> (source tier index, record).
         self._transit: dict[BlockKey, tuple[int, bytes]] = {}
         self._transit_lock = threading.Lock()
@@ -80,8 +81,13 @@ class TierStack:
     @raw_size.setter
     def raw_size(self, value: int | None) -> None:
         self._raw_size = value
-        for tier in self.tiers:
+        self._top = 0
+        for index, tier in enumerate(self.tiers):
             tier.max_record_bytes = None if value is None else max_record_size(value)
+            if value is not None and self._top == index and not tier.can_hold(tier.codec.min_record_size(value)):
+                self._top = index + 1  # a save or promotion would encode a record only for the tier to refuse it
+                log.warning("kvtier tier %s: its capacity (%d bytes) cannot hold one block (%d bytes); blocks are "
+                            "stored from the tier below it on", tier.name, tier.capacity, value)
 
     @classmethod
     def from_config(cls, cfg: KVTierConfig, metrics: StoreMetrics | None = None,
@@ -112,9 +118,12 @@ class TierStack:
 
     def put_many(self, items: Sequence[tuple[BlockKey, bytes | memoryview]]) -> list[bool]:
         """``put`` of each (key, raw bytes); write-through tiers receive the items they lack as one batch."""
-        stored = [self._put_into(0, key, self.tiers[0].codec.encode(key, raw)) for key, raw in items]
+        if self._top >= len(self.tiers):
+            return [False] * len(items)
+        top = self.tiers[self._top]
+        stored = [self._put_into(self._top, key, top.codec.encode(key, raw)) for key, raw in items]
         for tier in self.write_through:
-            if tier is self.tiers[0]:
+            if tier is top:
                 continue
             batch = [(key, tier.codec.encode(key, raw)) for key, raw in items if not tier.contains(key)]
             if batch:
@@ -182,11 +191,9 @@ class TierStack:
 
     def _demote(self, index: int, victim: Victim) -> None:
         key, record = victim
-        if index + 1 < len(self.tiers):
-            lower = self.tiers[index + 1]
-            if lower.contains(key):  # then the tier did not read the record out (Tier.held_below)
-                self.on_change(key, lower.name)
-                return
+        if index + 1 < len(self.tiers) and self.tiers[index + 1].contains(key):  # not read out: Tier.held_below
+            self.on_change(key, self.tiers[index + 1].name)
+            return
         if index + 1 < len(self.tiers) and record is not None:
             converted = self._convert(index, key, record)
             if converted is not None and self._put_into(index + 1, key, converted):
@@ -308,6 +315,9 @@ class TierStack:
         return None
 
     def _promote(self, tier: Tier, key: BlockKey, raw: RawBytes) -> None:
+        if self._top != 0:
+            return  # the top tier cannot hold a block
+
         def promote() -> None:
             if self.tiers[0].contains(key):
                 return
