@@ -26,7 +26,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kvtier_bench.procs import EngineProcess, cpu_list, fmt_ratio, geo_interval
+from kvtier_bench.procs import (
+    EngineProcess,
+    cpu_list,
+    fmt_ratio,
+    geo_interval,
+    run_interleaved,
+)
 
 BLOCK = 128
 
@@ -206,19 +212,8 @@ def main() -> int:
                     **({"kvtier": {"tiers": kvtier[name]}} if name in kvtier else {})} for name in names}
     load_before = os.getloadavg()[0]
     engines = [EngineProcess(name, __file__, specs[name]) for name in names]
-    raw: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
-    try:
-        for engine in engines:  # one at a time: a starting engine's threads would slow another's start
-            engine.ready()
-        for rep in range(args.reps):
-            order = engines[rep % len(engines):] + engines[:rep % len(engines)]
-            for engine in order:
-                raw[engine.name].append(engine.run(str(rep)))
-            print(f"pass {rep + 1}/{args.reps}: " + ", ".join(
-                f"{n} mean TTFT {statistics.fmean(raw[n][-1]['ttft']) * 1000:.0f} ms" for n in names), flush=True)
-    finally:
-        for engine in engines:
-            engine.close()
+    raw = run_interleaved(engines, args.reps, "pass",
+                          lambda r: f"mean TTFT {statistics.fmean(r['ttft']) * 1000:.0f} ms")
     summary = summarise(raw)
     text = report(summary, args, (load_before, os.getloadavg()[0]), kv)
     print(text)

@@ -35,7 +35,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kvtier_bench.procs import EngineProcess, cpu_list, fmt_ratio, geo_interval
+from kvtier_bench.procs import (
+    EngineProcess,
+    cpu_list,
+    fmt_ratio,
+    geo_interval,
+    run_interleaved,
+)
 
 BLOCK = 128
 
@@ -186,19 +192,7 @@ def main() -> int:
     load_before = os.getloadavg()[0]
     engines = [EngineProcess(n, __file__, {**base, **({"kvtier": {"tiers": tiers[n]}} if n != "plain" else {})},
                              {"VLLM_CPU_KVCACHE_SPACE": "2"}) for n in names]
-    raw: dict[str, list[dict[str, float]]] = {n: [] for n in names}
-    try:
-        for engine in engines:  # one at a time: a starting engine's threads would slow another's start
-            engine.ready()
-        for rep in range(args.reps):
-            order = engines[rep % len(engines):] + engines[:rep % len(engines)]
-            for engine in order:
-                raw[engine.name].append(engine.run(str(rep)))
-            print(f"rep {rep + 1}/{args.reps}: " + ", ".join(f"{n} hit {raw[n][-1]['tier'] * 1000:.1f} ms"
-                                                            for n in names), flush=True)
-    finally:
-        for engine in engines:
-            engine.close()
+    raw = run_interleaved(engines, args.reps, "rep", lambda r: f"hit {r['tier'] * 1000:.1f} ms")
     summary = summarise(raw, args.length, args.max_rate_spread)
     text = report(summary, args, (load_before, os.getloadavg()[0]))
     print(text)

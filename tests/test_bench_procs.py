@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from kvtier_bench.procs import EngineProcess, geo_interval
+from kvtier_bench.procs import EngineProcess, geo_interval, run_interleaved
 
 
 def test_geo_interval_of_equal_ratios_is_that_ratio_with_no_spread() -> None:
@@ -45,6 +45,23 @@ def test_engine_process_runs_commands_between_pauses(tmp_path: Path) -> None:
     finally:
         engine.close()
     assert engine.proc.returncode == 0
+
+
+def test_run_interleaved_gives_each_engine_its_reps_in_order_and_closes_them(tmp_path: Path, capsys) -> None:
+    script = tmp_path / "clock_worker.py"
+    script.write_text(textwrap.dedent("""
+        import json, sys, time
+        print("READY", flush=True)
+        for line in sys.stdin:
+            print("RESULT " + json.dumps({"rep": int(line), "at": time.monotonic()}), flush=True)
+    """))
+    engines = [EngineProcess(name, str(script), {}) for name in ("a", "b", "c")]
+    raw = run_interleaved(engines, 3, "rep", lambda r: f"got {r['rep']}")
+    assert [[r["rep"] for r in raw[n]] for n in "abc"] == [[0, 1, 2]] * 3
+    firsts = [min("abc", key=lambda n, rep=rep: raw[n][rep]["at"]) for rep in range(3)]
+    assert firsts == ["a", "b", "c"]  # the order rotates by one engine each rep
+    assert all(engine.proc.returncode == 0 for engine in engines)
+    assert "rep 3/3: a got 2, b got 2, c got 2" in capsys.readouterr().out
 
 
 def test_engine_process_that_dies_names_its_log(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable, Sequence
 from typing import Any
 
 
@@ -72,6 +73,26 @@ class EngineProcess:
             self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+
+
+def run_interleaved(engines: Sequence[EngineProcess], reps: int, label: str,
+                    describe: Callable[[Any], str]) -> dict[str, list[Any]]:
+    """Start the engines one at a time (a starting engine's threads would slow another's start), then run rep
+    ``i`` on every engine, the order rotating by one each rep; prints ``describe(result)`` per engine and rep.
+    Closes the engines. Returns each engine's results, by name, in rep order."""
+    raw: dict[str, list[Any]] = {engine.name: [] for engine in engines}
+    try:
+        for engine in engines:
+            engine.ready()
+        for rep in range(reps):
+            for engine in list(engines[rep % len(engines):]) + list(engines[:rep % len(engines)]):
+                raw[engine.name].append(engine.run(str(rep)))
+            print(f"{label} {rep + 1}/{reps}: " + ", ".join(f"{name} {describe(results[-1])}"
+                                                           for name, results in raw.items()), flush=True)
+    finally:
+        for engine in engines:
+            engine.close()
+    return raw
 
 
 def geo_interval(ratios: list[float], seed: int = 0, draws: int = 4000) -> dict[str, Any]:

@@ -141,7 +141,6 @@ class KVLayout:
                 row[:] = src[outer]
                 yield row
 
-
     def read_blocks(self, block_ids: Sequence[int], out: np.ndarray) -> None:
         """Block ``block_ids[i]`` of every layer into ``out[i]`` (a record; ``host_rows`` only): one copy."""
         if self.host_rows is None:
