@@ -127,7 +127,7 @@ class AuthConfig:
 class KVTierConfig:
     tiers: tuple[TierConfig, ...]
     checksum: Literal["xxh3", "crc32"] = "xxh3"
-    promote_on_hit: bool = True
+    promote_on_hit: Literal[True, False, "always"] = True  # True: while promotions pay off (measured)
     connector: ConnectorConfig = field(default_factory=ConnectorConfig)
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)

@@ -11,7 +11,7 @@ from collections import Counter, defaultdict
 
 COUNTER_NAMES = (
     "hits", "misses", "puts", "bytes_written", "bytes_read", "evictions", "demotions", "promotions",
-    "drops", "checksum_failures", "errors", "transit_hits",
+    "promotions_skipped", "drops", "checksum_failures", "errors", "transit_hits",
 )
 # latency histogram bucket upper bounds, seconds
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)

@@ -48,6 +48,8 @@ TIER_COUNTERS: dict[str, tuple[str, str]] = {
     "evictions": ("kvtier_tier_evictions", "Blocks the tier's policy evicted to make room."),
     "demotions": ("kvtier_tier_demotions", "Evicted blocks moved down to the next tier."),
     "promotions": ("kvtier_tier_promotions", "Blocks served by the tier and copied up into the top tier."),
+    "promotions_skipped": ("kvtier_tier_promotions_skipped",
+                           "Hits in the tier not copied up: promotions were not being hit before eviction."),
     "transit_hits": ("kvtier_tier_transit_hits", "Hits served from a block while it was being demoted from the tier."),
     "drops": ("kvtier_tier_drops", "Evicted blocks no lower tier took (gone from the store)."),
     "checksum_failures": ("kvtier_tier_checksum_failures", "Records that failed verification (treated as misses)."),

@@ -7,7 +7,9 @@
   and the raw size a block has here, before anything is allocated). A record that fails verification is
   deleted and reported as a miss, never returned. Shared tiers serve a request's keys in one batch. On a hit
   below the top tier the block is promoted (copied up) when ``promote_on_hit`` is set, on the ``background``
-  runner when one is given (never on the request's path then).
+  runner when one is given (never on the request's path then). With ``promote_on_hit=True`` a PromotionGate
+  (promotion.py) measures whether promoted blocks are hit before the top tier evicts them and promotes only a
+  sample while they are not; ``"always"`` promotes every hit.
 - A victim on its way down (evicted from one tier, not yet written to the next) stays readable: get and where
   also look at the records in transit, so a concurrent load never misses a block that is only being demoted.
 
@@ -28,6 +30,7 @@ from kvtier.errors import CorruptBlockError, TierError, TierFullError
 from kvtier.keys import BlockKey
 from kvtier.metrics import StoreMetrics
 from kvtier.tiers.base import Tier, Victim
+from kvtier.tiers.promotion import PromotionGate
 
 if TYPE_CHECKING:
     from kvtier.config import KVTierConfig
@@ -48,7 +51,7 @@ def _discarder(tier: Tier, keys: list[BlockKey]) -> Callable[[], None]:
 
 
 class TierStack:
-    def __init__(self, tiers: Sequence[Tier], promote_on_hit: bool = True,
+    def __init__(self, tiers: Sequence[Tier], promote_on_hit: bool | str = True,
                  write_through: Sequence[str] = (), metrics: StoreMetrics | None = None,
                  on_change: Callable[[BlockKey, str | None], None] | None = None,
                  background: Callable[[Callable[[], None]], None] | None = None) -> None:
@@ -58,6 +61,7 @@ class TierStack:
         for upper, lower in zip(self.tiers, self.tiers[1:]):
             upper.held_below = lower.contains
         self.promote_on_hit = promote_on_hit
+        self.promotion = PromotionGate() if promote_on_hit is True else None  # "always": no gate
         self.write_through = [t for t in self.tiers if t.name in set(write_through)]
         self.metrics = metrics or StoreMetrics()
         self._logged: set[tuple[str, str]] = set()
@@ -171,6 +175,8 @@ class TierStack:
                     self._transit[victim_key] = (index, victim_record)
         for victim in victims:
             self.metrics.add(self.tiers[index].name, "evictions")
+            if index == 0 and self.promotion is not None:
+                self.promotion.evicted(victim[0])
             try:
                 self._demote(index, victim)
             finally:
@@ -261,6 +267,8 @@ class TierStack:
                     found[i] = (raw, tier.name)
                     if index > 0 and self.promote_on_hit:
                         self._promote(tier, keys[i], raw)
+                    elif index == 0 and self.promotion is not None:
+                        self.promotion.hit(keys[i])
             missing = [i for i in missing if found[i] is None]
         for i in missing:  # a demotion in flight, or one that landed below a tier we had already passed
             found[i] = self._get_in_transit(keys[i], i, place)
@@ -317,6 +325,9 @@ class TierStack:
     def _promote(self, tier: Tier, key: BlockKey, raw: RawBytes) -> None:
         if self._top != 0:
             return  # the top tier cannot hold a block
+        if self.promotion is not None and not self.promotion.admit():
+            self.metrics.add(tier.name, "promotions_skipped")
+            return
 
         def promote() -> None:
             if self.tiers[0].contains(key):
@@ -324,6 +335,8 @@ class TierStack:
             try:
                 if self._put_into(0, key, self.tiers[0].codec.encode(key, raw), cascade=False):  # it is below
                     self.metrics.add(tier.name, "promotions")
+                    if self.promotion is not None:
+                        self.promotion.landed(key)
             except Exception as exc:  # a promotion is an optimisation; never fail a load over it
                 self._fail(self.tiers[0], "promote", exc)
 
