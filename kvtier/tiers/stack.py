@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from kvtier.codecs import RawBytes, checksum_parts, max_record_size
@@ -30,11 +30,11 @@ from kvtier.errors import CorruptBlockError, TierError, TierFullError
 from kvtier.keys import BlockKey
 from kvtier.metrics import StoreMetrics
 from kvtier.tiers.base import Tier, Victim
+from kvtier.tiers.feedback import PolicyFeedback
 from kvtier.tiers.promotion import PromotionGate
 
 if TYPE_CHECKING:
     from kvtier.config import KVTierConfig
-    from kvtier.policies.base import Score
 
 log = logging.getLogger(__name__)
 Found = tuple[RawBytes, str]  # verified raw bytes (perhaps a view of the record) and the tier that served them
@@ -50,7 +50,7 @@ def _discarder(tier: Tier, keys: list[BlockKey]) -> Callable[[], None]:
     return discard
 
 
-class TierStack:
+class TierStack(PolicyFeedback):
     def __init__(self, tiers: Sequence[Tier], promote_on_hit: bool | str = True,
                  write_through: Sequence[str] = (), metrics: StoreMetrics | None = None,
                  on_change: Callable[[BlockKey, str | None], None] | None = None,
@@ -373,25 +373,6 @@ class TierStack:
         """(source tier index, record) of a victim on its way down, or None."""
         with self._transit_lock:
             return self._transit.get(key)
-
-    # ---- attention feedback (kvtier.attention): forwarded to every tier's policy under its lock ------
-    def update_scores(self, scores: Mapping[BlockKey, Score]) -> None:
-        for tier in self.tiers:
-            tier.with_policy(lambda policy: policy.update_scores(scores))
-
-    def mark_sinks(self, keys: Sequence[BlockKey]) -> None:
-        """First blocks of sequences, for policies that protect attention sinks (others ignore this)."""
-        for tier in self.tiers:
-            tier.with_policy(lambda policy: policy.mark_sink(keys))
-
-    def set_parents(self, links: Sequence[tuple[BlockKey, BlockKey]]) -> None:
-        """(child, parent) prefix links, for policies that evict tails first (others ignore this)."""
-        def link(policy: Any) -> None:
-            for child, parent in links:
-                policy.set_parent(child, parent)
-
-        for tier in self.tiers:
-            tier.with_policy(link)
 
     def usage(self) -> dict[str, dict[str, int]]:
         return {t.name: {"blocks": len(t), "used_bytes": t.used_bytes, "capacity": t.capacity} for t in self.tiers}
