@@ -12,6 +12,7 @@ import torch
 from copy_helpers import held_worker, key
 
 from kvtier.connector.metadata import KVTierMetadata, LoadSpec
+from kvtier.connector.worker import IDLE_WAIT_S
 
 
 def saves(first: int, count: int, block: int = 0) -> list[tuple[bytes, int]]:
@@ -143,6 +144,31 @@ def test_an_async_load_is_reported_only_once_its_copies_are_done() -> None:
     while not done and time.monotonic() < deadline:
         done = worker.get_finished(set(), KVTierMetadata())[1]
     assert done == {"r"} and worker.take_load_errors() == set()
+    worker.shutdown()
+
+
+def test_an_idle_step_blocks_briefly_on_async_loads_instead_of_letting_the_engine_spin() -> None:
+    """With every request waiting for its load, vLLM steps again at once: a busy loop holding the GIL that the
+    load threads need. An idle step's get_finished waits (at most IDLE_WAIT_S) for the first load instead."""
+    worker, fences, _ = held_worker()
+    keys = stored_blocks(worker, fences, 2)
+    made = len(fences.made)
+    worker.start_load_kv(KVTierMetadata(loads=[LoadSpec("r", keys, [50, 51], is_async=True)]))
+    deadline = time.monotonic() + 5
+    while len(fences.made) == made and time.monotonic() < deadline:
+        time.sleep(0.01)
+    start = time.perf_counter()
+    assert worker.get_finished(set(), KVTierMetadata()) == (None, None)  # a step with work: no wait
+    busy = time.perf_counter() - start
+    start = time.perf_counter()
+    assert worker.get_finished(set(), KVTierMetadata(idle=True)) == (None, None)
+    assert busy < IDLE_WAIT_S <= time.perf_counter() - start + 0.001 < 1.0
+    threading.Timer(0.2, fences.made[-1].release).start()
+    calls, done = 0, None
+    while not done and time.monotonic() < deadline:
+        done = worker.get_finished(set(), KVTierMetadata(idle=True))[1]
+        calls += 1
+    assert done == {"r"} and calls < 100  # ~40 waits of 5 ms, not a spin of thousands of calls
     worker.shutdown()
 
 

@@ -35,7 +35,8 @@ def blocks(ids: list[int]) -> SimpleNamespace:
 def sched_output(new=(), cached_ids=(), cached_computed=(), scheduled=None):  # type: ignore[no-untyped-def]
     cached = SimpleNamespace(req_ids=list(cached_ids), resumed_req_ids=set(), new_block_ids=[None] * len(cached_ids),
                              num_computed_tokens=list(cached_computed))
-    return SimpleNamespace(scheduled_new_reqs=list(new), scheduled_cached_reqs=cached, num_scheduled_tokens=scheduled)
+    return SimpleNamespace(scheduled_new_reqs=list(new), scheduled_cached_reqs=cached, num_scheduled_tokens=scheduled,
+                           total_num_scheduled_tokens=sum((scheduled or {}).values()))
 
 
 def stored(s: SchedulerSide, keys: list[bytes], tier: str = "dram") -> None:
@@ -254,3 +255,10 @@ def test_blocks_whose_saves_have_not_been_reported_yet_are_hits(tmp_path) -> Non
     assert s.hit_sources(again) == {"dram": 12}
     s.update_connector_output(KVTierWorkerMeta([(keys[1], None)]))  # the save of block 1 failed
     assert s.get_num_new_matched_tokens(request("c", tokens), 0) == (4, False)
+
+
+def test_a_step_with_nothing_scheduled_is_marked_idle(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    s = side(tmp_path, async_load=True)
+    assert s.build_connector_meta(sched_output()).idle
+    new = SimpleNamespace(req_id="a", block_ids=([5],), num_computed_tokens=0)
+    assert not s.build_connector_meta(sched_output(new=[new], scheduled={"a": 16})).idle

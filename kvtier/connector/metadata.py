@@ -48,6 +48,9 @@ class KVTierMetadata(KVConnectorMetadata):
     save_reqs: list[str] = field(default_factory=list)
     release_after_saves: list[str] = field(default_factory=list)
     preempted: list[str] = field(default_factory=list)
+    # Nothing was scheduled this step (every running request waits, e.g. for its async load): vLLM will step
+    # again at once, so the worker may block briefly in get_finished instead of letting the engine spin.
+    idle: bool = False
 
 
 @dataclass
