@@ -158,7 +158,9 @@ def report(summary: dict[str, Any], args: argparse.Namespace, load: tuple[float,
              f"{load[0]:.2f} before, {load[1]:.2f} after; OMP threads bound to cores {cpu_list()}.",
              f"vLLM KV space: {kv['small'] >> 20} MiB (reference: {kv['reference'] >> 20} MiB, holds every prefix); "
              f"kvtier-disk: DRAM {args.disk_dram} in front of an LZ4 disk tier (disk hits promoted while that pays, "
-             "measured); kvtier-disk-always: the same, every disk hit promoted; kvtier-dram: DRAM holds every prefix.",
+             "measured); kvtier-disk-always: the same, every disk hit promoted; kvtier-dram: DRAM holds every prefix"
+             + ("; kvtier-disk-async: kvtier-disk loading between steps (`connector.async_load`)."
+                if "kvtier-disk-async" in summary else "."),
              "",
              "| configuration | TTFT mean ms (median, range over passes) | TTFT p50 ms | pass wall s | "
              "blocks loaded per pass | mean TTFT / reference | p50 TTFT / reference | wall / reference |",
@@ -189,7 +191,8 @@ def main() -> int:
     parser.add_argument("--kv-fraction", type=float, default=0.25, help="share of the prefixes vLLM's KV space holds")
     parser.add_argument("--disk-dram", default="16MiB", help="the DRAM tier in front of disk in kvtier-disk")
     parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--configs", default="reference,vllm,kvtier-disk,kvtier-disk-always,kvtier-dram")
+    parser.add_argument("--configs", default="reference,vllm,kvtier-disk,kvtier-disk-always,kvtier-dram",
+                        help="also: kvtier-disk-async")
     parser.add_argument("--out", default="benchmarks/results/concurrent_reuse.json")
     args = parser.parse_args()
     if args.worker:
@@ -211,7 +214,10 @@ def main() -> int:
     kvtier = {"kvtier-disk": {"tiers": [small_dram, disk]},
               "kvtier-disk-always": {"tiers": [small_dram, {**disk, "path": str(tmp / "always")}],
                                      "promote_on_hit": "always"},
-              "kvtier-dram": {"tiers": [{"kind": "dram", "capacity": str(2 * store)}, {**disk, "path": str(tmp / "dram")}]}}
+              "kvtier-dram": {"tiers": [{"kind": "dram", "capacity": str(2 * store)}, {**disk, "path": str(tmp / "dram")}]},
+              # not run by default: kvtier-disk with loads between steps (connector.async_load)
+              "kvtier-disk-async": {"tiers": [small_dram, {**disk, "path": str(tmp / "async")}],
+                                    "connector": {"async_load": True}}}
     names = args.configs.split(",")
     if names[0] != "reference":
         raise SystemExit("--configs must start with reference (the baseline every ratio is paired with)")
