@@ -149,7 +149,7 @@ class SchedulerSide:
     def build_connector_meta(self, so: SchedulerOutput) -> KVTierMetadata:
         meta = KVTierMetadata(loads=self._loads, clear_store=self._clear_next, release_after_saves=self._releases,
                               preempted=sorted(getattr(so, "preempted_req_ids", None) or ()),
-                              idle=so.total_num_scheduled_tokens == 0)
+                              idle=getattr(so, "total_num_scheduled_tokens", None) == 0)
         self._loads = []
         self._clear_next = False
         self._releases = []

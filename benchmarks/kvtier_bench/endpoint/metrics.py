@@ -36,7 +36,8 @@ TIER = {
     "kvtier_tier_hits_total": "hits", "kvtier_tier_misses_total": "misses", "kvtier_tier_puts_total": "puts",
     "kvtier_tier_read_bytes_total": "bytes_read", "kvtier_tier_written_bytes_total": "bytes_written",
     "kvtier_tier_evictions_total": "evictions", "kvtier_tier_demotions_total": "demotions",
-    "kvtier_tier_promotions_total": "promotions", "kvtier_tier_transit_hits_total": "transit_hits",
+    "kvtier_tier_promotions_total": "promotions", "kvtier_tier_promotions_skipped_total": "promotions_skipped",
+    "kvtier_tier_transit_hits_total": "transit_hits",
     "kvtier_tier_drops_total": "drops", "kvtier_tier_checksum_failures_total": "checksum_failures",
     "kvtier_tier_errors_total": "errors",
 }
