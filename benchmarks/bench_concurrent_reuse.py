@@ -27,19 +27,14 @@ from pathlib import Path
 from typing import Any
 
 from kvtier_bench.procs import (
+    BLOCK,
     EngineProcess,
     cpu_list,
     fmt_ratio,
     geo_interval,
+    prompt,
     run_interleaved,
 )
-
-BLOCK = 128
-
-
-def prompt(seed: int, length: int) -> list[int]:
-    rng = random.Random(seed)
-    return [rng.randrange(10, 4000) for _ in range(length)]
 
 
 # ---- worker process: one engine, one pass per command ----------------------------------------------------------

@@ -20,6 +20,14 @@ import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any
 
+BLOCK = 128  # vLLM's block size in the micro-benchmarks
+
+
+def prompt(seed: int, length: int) -> list[int]:
+    """``length`` token ids drawn from ``seed``: the same prompt in every engine, no special ids."""
+    rng = random.Random(seed)
+    return [rng.randrange(10, 4000) for _ in range(length)]
+
 
 def cpu_list() -> str:
     return ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))
