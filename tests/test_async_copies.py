@@ -129,14 +129,21 @@ def test_layerwise_loading_waits_per_layer_in_the_attention_layers() -> None:
     worker.shutdown()
 
 
-def test_an_async_load_is_reported_only_once_its_copies_are_done() -> None:
-    worker, fences, caches = held_worker()
+def held_async_load(worker, fences) -> float:  # type: ignore[no-untyped-def]
+    """Start an async load of 2 stored blocks (request "r") and return once its copy is issued (held in flight);
+    returns the deadline the test waits until."""
     keys = stored_blocks(worker, fences, 2)
     made = len(fences.made)
     worker.start_load_kv(KVTierMetadata(loads=[LoadSpec("r", keys, [50, 51], is_async=True)]))
     deadline = time.monotonic() + 5
     while len(fences.made) == made and time.monotonic() < deadline:
         time.sleep(0.01)
+    return deadline
+
+
+def test_an_async_load_is_reported_only_once_its_copies_are_done() -> None:
+    worker, fences, _ = held_worker()
+    deadline = held_async_load(worker, fences)
     time.sleep(0.1)
     assert worker.get_finished(set(), KVTierMetadata()) == (None, None)
     fences.made[-1].release()
@@ -151,12 +158,7 @@ def test_an_idle_step_blocks_briefly_on_async_loads_instead_of_letting_the_engin
     """With every request waiting for its load, vLLM steps again at once: a busy loop holding the GIL that the
     load threads need. An idle step's get_finished waits (at most IDLE_WAIT_S) for the first load instead."""
     worker, fences, _ = held_worker()
-    keys = stored_blocks(worker, fences, 2)
-    made = len(fences.made)
-    worker.start_load_kv(KVTierMetadata(loads=[LoadSpec("r", keys, [50, 51], is_async=True)]))
-    deadline = time.monotonic() + 5
-    while len(fences.made) == made and time.monotonic() < deadline:
-        time.sleep(0.01)
+    deadline = held_async_load(worker, fences)
     start = time.perf_counter()
     assert worker.get_finished(set(), KVTierMetadata()) == (None, None)  # a step with work: no wait
     busy = time.perf_counter() - start

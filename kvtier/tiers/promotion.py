@@ -32,7 +32,7 @@ class PromotionGate:
         self._candidates = 0
         self._pending: OrderedDict[BlockKey, None] = OrderedDict()  # promoted, neither hit nor evicted yet
         self._lock = threading.Lock()
-        self.promoted = self.skipped = self.useful = self.wasted = 0
+        self.skipped = self.useful = self.wasted = 0
 
     @property
     def is_open(self) -> bool:
@@ -42,7 +42,7 @@ class PromotionGate:
         """A lower tier served a block the top tier lacks: promote it?"""
         with self._lock:
             self._candidates += 1
-            if self._worth >= self.threshold or self._candidates % self.sample == 0:
+            if self.is_open or self._candidates % self.sample == 0:
                 return True
             self.skipped += 1
             return False
@@ -50,7 +50,6 @@ class PromotionGate:
     def landed(self, key: BlockKey) -> None:
         """``key`` was promoted into the top tier: its outcome is pending."""
         with self._lock:
-            self.promoted += 1
             self._pending[key] = None
             self._pending.move_to_end(key)
             while len(self._pending) > self._remember:  # forgotten without an outcome (a very large top tier)
@@ -74,9 +73,3 @@ class PromotionGate:
                 self.useful += 1
             else:
                 self.wasted += 1
-
-    def stats(self) -> dict[str, float]:
-        """For logs and benchmarks: the measured worth, open or not, and the counts."""
-        with self._lock:
-            return {"worth": self._worth, "open": float(self._worth >= self.threshold), "promoted": self.promoted,
-                    "skipped": self.skipped, "useful": self.useful, "wasted": self.wasted}
