@@ -265,3 +265,23 @@ def test_a_dram_record_reused_while_it_is_copied_out_is_a_miss(tmp_path: Path) -
     # A record that stays put while it is copied loads byte-identical.
     stack.put(key(2), b)
     assert stack.load_many([key(2)], _placer(out)) == ["dram"] and out[0] == b
+
+
+def test_raw_dram_hits_are_copied_on_the_calling_thread_and_decodes_use_the_threads(tmp_path: Path) -> None:
+    """A raw DRAM record's hit is a copy and a checksum, both holding the GIL: handing them to threads only adds
+    hand-offs (measured in benchmarks/bench_connector_ttft.py). Records that need decoding still use them."""
+    stack = make_stack(tmp_path)
+    for i in range(6):
+        stack.put(key(i), block(i))  # 0..2 spilled to disk (lz4), 3..5 in DRAM
+    mapped: list[int] = []
+
+    def threads(fn, items):  # stands in for a thread pool's map, recording what it was given
+        items = list(items)
+        mapped.append(len(items))
+        return list(map(fn, items))
+
+    out: dict[int, bytearray] = {}
+    assert stack.load_many([key(3), key(4), key(5)], _placer(out), threads) == ["dram"] * 3
+    assert mapped == []
+    assert stack.load_many([key(0), key(1)], _placer(out), threads) == ["disk", "disk"]
+    assert mapped == [2, 2]  # the disk reads and their decodes

@@ -82,6 +82,11 @@ class BlockCodec:
         """``decode`` without the final checksum: the caller checksums the bytes where it copied them."""
         return open_record(record, key, self._decoders, raw_size, self.auth_key)
 
+    @property
+    def copies_only(self) -> bool:
+        """Opening a record is a header check, no decode: a hit's work is the copy and its checksum."""
+        return isinstance(self.codec, NoneCodec) and not self.cfg.shuffle and self.auth_key is None
+
     def min_record_size(self, raw_size: int) -> int:
         """The fewest bytes a record of ``raw_size`` raw bytes can take (a compressing codec: the header)."""
         payload = raw_size if isinstance(self.codec, NoneCodec) else 0

@@ -77,6 +77,9 @@ class Tier(ABC):
     shared: ClassVar[bool] = False  # other instances may store into it: a miss in the local index still asks
     # True when ``_read`` is safe without the lock (e.g. files replaced atomically): parallel reads overlap.
     concurrent_reads: ClassVar[bool] = False
+    # True when records live in this process's memory: a hit of a ``copies_only`` record is a memory copy and a
+    # checksum, which hold the GIL, so the stack does them on the calling thread (no thread hand-offs).
+    in_memory: ClassVar[bool] = False
     # Set by the stack: whether the tier below holds a key (an index lookup). An evicted block it holds is not
     # read back out for demotion (e.g. a block promoted from disk and evicted again).
     held_below: Callable[[BlockKey], bool] | None = None

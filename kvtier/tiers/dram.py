@@ -65,6 +65,7 @@ class DramTier(Tier):
     kind = "dram"
     Options = DramOptions
     hit_source = "host"
+    in_memory = True
 
     @classmethod
     def check_config(cls, capacity: int, options: DramOptions) -> None:

@@ -259,10 +259,11 @@ class TierStack(PolicyFeedback):
             if not wanted:
                 continue
             # views only where nothing keeps the bytes: a promotion keeps them, so lower tiers hand out copies
-            records = self._read(tier, [keys[i] for i in wanted], map_fn, view=place is not None and index == 0)
+            each = map if tier.in_memory and tier.codec.copies_only else map_fn  # threads only gain on decodes
+            records = self._read(tier, [keys[i] for i in wanted], each, view=place is not None and index == 0)
             jobs = [(i, rec) for i, rec in zip(wanted, records) if rec is not None]
             for i, raw in zip([i for i, _ in jobs],
-                              map_fn(lambda job: self._verified(tier, keys[job[0]], job[1], job[0], place), jobs)):
+                              each(lambda job: self._verified(tier, keys[job[0]], job[1], job[0], place), jobs)):
                 if raw is not None:
                     found[i] = (raw, tier.name)
                     if index > 0 and self.promote_on_hit:
