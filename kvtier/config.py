@@ -59,7 +59,7 @@ class TierConfig:
 
 @dataclass(frozen=True)
 class ConnectorConfig:
-    save_decode_blocks: bool = False
+    save_decode_blocks: bool = True
     async_load: bool = False
     transfer_threads: int = bounded(2, 1, 256)
     min_hit_blocks: int = bounded(1, 0)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from types import SimpleNamespace
 
+import pytest
+
 from kvtier.config import KVTierConfig
 from kvtier.connector.metadata import KVTierWorkerMeta
 from kvtier.connector.placement import StartupPlacement
@@ -81,9 +83,31 @@ def test_saves_are_planned_once_and_skip_stored_blocks(tmp_path) -> None:  # typ
     meta = s.build_connector_meta(sched_output(new=[new], scheduled={"a": 13}))
     assert meta.saves == [(keys[1], 6), (keys[2], 7)]  # block 0 is already stored
     again = s.build_connector_meta(sched_output(cached_ids=["a"], cached_computed=[13], scheduled={"a": 1}))
-    assert again.saves == []  # decode blocks are not saved by default; nothing twice
+    assert again.saves == []  # nothing twice (block 3 is not complete yet)
     s.update_connector_output(KVTierWorkerMeta([(keys[1], "dram"), (keys[2], None)]))
     assert keys[1] in s.index and keys[2] not in s.index and not s.pending_saves
+
+
+@pytest.mark.parametrize("save_decode_blocks", [None, False])
+def test_a_block_completed_by_the_answer_is_saved_unless_turned_off(tmp_path, save_decode_blocks) -> None:  # type: ignore[no-untyped-def]
+    """A chat turn's next prompt is its history plus the answer: the block the answer completes is reused as
+    often as the prompt's own blocks (vLLM's prefix cache keeps it too). Saved by default."""
+    s = side(tmp_path) if save_decode_blocks is None else side(tmp_path, save_decode_blocks=save_decode_blocks)
+    tokens = list(range(14))  # a 14-token prompt: blocks 0-2 full, block 3 half
+    req = request("a", tokens, prompt_len=14)
+    s.get_num_new_matched_tokens(req, 0)
+    new = SimpleNamespace(req_id="a", block_ids=([5, 6, 7, 8],), num_computed_tokens=0)
+    assert len(s.build_connector_meta(sched_output(new=[new], scheduled={"a": 14})).saves) == 3
+    saves = []
+    for computed in (14, 15):  # two decode steps: the tokens generated so far get their KV
+        tokens.append(100 + computed)
+        req.num_tokens = len(tokens)
+        saves += s.build_connector_meta(sched_output(cached_ids=["a"], cached_computed=[computed],
+                                                     scheduled={"a": 1})).saves
+    if save_decode_blocks is None:
+        assert saves == [(block_keys(FP, tokens, BS)[3], 8)]  # prompt tokens 12-13 + answer tokens 14-15
+    else:
+        assert saves == []
 
 
 def test_reset_clears_index_and_tells_the_worker(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -218,7 +242,6 @@ def test_with_two_ranks_a_block_is_a_hit_only_when_both_shards_are_held(tmp_path
 
 
 def test_pipeline_parallelism_is_refused_naming_the_setting() -> None:
-    import pytest
     from vllm.config import KVTransferConfig
     from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
     from vllm.engine.arg_utils import EngineArgs
