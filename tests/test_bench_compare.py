@@ -5,7 +5,13 @@ from __future__ import annotations
 
 import random
 
-from kvtier_bench.compare import compare, kvtier_share, throughput_ratio, ttft_ratio
+from kvtier_bench.compare import (
+    compare,
+    kvtier_share,
+    throughput_ratio,
+    ttft_ratio,
+    users_rate,
+)
 
 
 def run(ttft_scale: float, wall: float, seed: int, rounds: int = 3, requests: int = 40) -> dict:
@@ -14,6 +20,8 @@ def run(ttft_scale: float, wall: float, seed: int, rounds: int = 3, requests: in
     for _ in range(rounds):
         reqs = [{"conv": c, "turn": 0, "arrival_s": 0.0, "token_s": [ttft_scale * rng.uniform(0.5, 1.5)]}
                 for c in range(requests)]
+        for r in reqs:
+            r["finish_s"] = r["token_s"][0] + 0.5
         out.append({"requests": reqs, "wall_s": wall})
     return {"rounds": out}
 
@@ -35,5 +43,26 @@ def test_targets_are_checked_per_kvtier_configuration() -> None:
     assert entry["name"] == "kvtier-dram" and entry["kvtier_share"] == 0.7
     met = {t["target"]: t["met"] for t in entry["targets"]}
     assert met == {"TTFT p50 vs vllm-prefix": True, "TTFT p50 vs reference": True,
-                   "throughput vs vllm-prefix": True, "share of reused tokens from kvtier": True}
+                   "users' request rate vs vllm-prefix": True, "share of reused tokens from kvtier": True}
     assert kvtier_share({"hit_tokens_by_tier": {"vllm": 0}}) is None
+
+
+def test_the_users_rate_follows_the_answers_where_the_wall_time_follows_the_pauses() -> None:
+    """Two users, the same arrivals and think times: answering 4x faster barely moves the round's wall time
+    (the longest chain of pauses) but raises the rate at which the users get their turns done."""
+    def rnd(answer_s: float) -> dict:
+        reqs, wall = [], 0.0
+        for conv, (arrival, thinks) in enumerate([(0.0, [1.0, 1.0]), (0.5, [6.0, 6.0])]):
+            now = arrival
+            for turn, think in enumerate([0.0, *thinks]):
+                now += think
+                reqs.append({"conv": conv, "turn": turn, "arrival_s": now, "finish_s": now + answer_s})
+                now += answer_s
+            wall = max(wall, now)
+        return {"requests": reqs, "wall_s": wall}
+
+    fast, slow = rnd(0.5), rnd(2.0)
+    assert users_rate(fast) == 3 / 3.5 + 3 / 13.5
+    walls = throughput_ratio({"rounds": [fast]}, {"rounds": [slow]})["ratio"]
+    users = throughput_ratio({"rounds": [fast]}, {"rounds": [slow]}, users_rate)["ratio"]
+    assert walls < 1.35 and users > 1.95

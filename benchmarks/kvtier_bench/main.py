@@ -32,7 +32,7 @@ from kvtier_bench.report import markdown, plots
 from kvtier_bench.s3server import LocalS3, find_weed
 from kvtier_bench.settings import DEFAULT_PRESET, PRESETS, BenchSettings, load_settings
 from kvtier_bench.stats import check_against, summarize
-from kvtier_bench.workload import check_fits, generate, load_tokenizer
+from kvtier_bench.workload import check_fits, generate, load_tokenizer, working_set_tokens
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -201,7 +201,12 @@ def main(argv: list[str]) -> int:
         if not args.keep_data:
             for disk in run_dir.glob("*/disk"):
                 shutil.rmtree(disk, ignore_errors=True)
-    report = build_report(settings, configs, results, workload.num_requests, model_dir, argv, run_dir)
+    from kvtier_bench.models import kv_bytes_per_token
+
+    per_token = kv_bytes_per_token(model_dir)
+    info = {"requests": workload.num_requests, "working_set_tokens": working_set_tokens(workload),
+            "kv_bytes_per_token": per_token, "kv_space_tokens": settings.engine.kv_cache_bytes // per_token}
+    report = build_report(settings, configs, results, info, model_dir, argv, run_dir)
     failed = [r["name"] for r in report["results"]
               if r["status"] == "failed" or (r.get("check") and not r["check"]["passed"])]
     print(markdown(report))
@@ -227,7 +232,8 @@ def _git_state() -> str:
 
 
 def build_report(settings: BenchSettings, configs: list[RunConfig], results: dict[str, dict[str, Any]],
-                 num_requests: int, model_dir: str, argv: list[str], run_dir: Path) -> dict[str, Any]:
+                 workload: dict[str, Any], model_dir: str, argv: list[str], run_dir: Path) -> dict[str, Any]:
+    """``workload``: its request count, working set and vLLM's KV space in tokens (report's header)."""
     reference = results.get(REFERENCE, {}).get("raw")
     rows = []
     for cfg in configs:
@@ -249,7 +255,7 @@ def build_report(settings: BenchSettings, configs: list[RunConfig], results: dic
         "git": _git_state(),
         "model_dir": model_dir,
         "settings": settings.to_dict(),
-        "workload": {"requests": num_requests},
+        "workload": workload,
         "results": rows,
         "comparisons": compare(rows, raws),
     }

@@ -18,6 +18,7 @@ half-written model; a process that loses the race discards its copy.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import tempfile
@@ -79,6 +80,14 @@ SIZES: dict[str, ModelSpec] = {
     "base": ModelSpec(num_hidden_layers=12, hidden_size=768, num_attention_heads=12,
                       num_key_value_heads=4, intermediate_size=2560),
 }
+
+
+def kv_bytes_per_token(model_dir: str, dtype_bytes: int = 2) -> int:
+    """Bytes of KV cache one token takes in every layer (keys and values), from the model's config.json."""
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    kv_heads = cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
+    return int(2 * cfg["num_hidden_layers"] * kv_heads * head_dim * dtype_bytes)
 
 
 def model_dir_name(size: str) -> str:

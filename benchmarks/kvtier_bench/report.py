@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from kvtier_bench.compare import markdown as compare_markdown
-from kvtier_bench.compare import spread, spread_rate
+from kvtier_bench.compare import spread, spread_rate, users_rate, wall_rate
 
 TIER_COLORS = {"vllm": "#4c72b0", "dram": "#55a868", "disk": "#dd8452", "s3": "#8172b3", "recomputed": "#cccccc"}
 
@@ -49,12 +49,13 @@ def markdown(report: dict[str, Any]) -> str:
          f"{s['rounds']} timed round(s) per configuration, round-robin across configurations.  "),
         (f"vLLM KV space {_mib(s['engine']['kv_cache_bytes'])} MiB (reference: "
          f"{_mib(s['engine']['reference_kv_cache_bytes'])} MiB), block size {s['engine']['block_size']}; "
-         f"machine: {report['machine']}; kvtier at {report.get('git', 'unknown')}."),
+         f"machine: {report['machine']}; kvtier at {report.get('git', 'unknown')}.  "),
+        _working_set(report),
         "",
         ("| config | TTFT p50 ms per round: median (min–max) | TTFT p50 / p90 / p99 ms (all rounds) "
-         "| ITL p50 / p99 ms | e2e p50 ms | req/s per round: median (min–max) | out tok/s | hit rate "
+         "| ITL p50 / p99 ms | e2e p50 ms | users' req/s per round | wall req/s per round | out tok/s | hit rate "
          "| hit tokens by tier | loaded / saved MiB | peak RSS MiB | outputs vs reference | load avg |"),
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["results"]:
         if r["status"] != "ok":
@@ -63,11 +64,13 @@ def markdown(report: dict[str, Any]) -> str:
         kv = m["kvtier"] or {}
         moved = f"{_mib(kv.get('loaded_bytes'))} / {_mib(kv.get('saved_bytes'))}" if kv else "–"
         t, i = m["ttft_ms"], m["itl_ms"]
-        per_round_rps = [len(rnd["requests"]) / rnd["wall_s"] for rnd in r["rounds"] if rnd["wall_s"] > 0]
+        walls = [wall_rate(rnd) for rnd in r["rounds"] if rnd["wall_s"] > 0]
+        users = [users_rate(rnd) for rnd in r["rounds"]]
         lines.append(
             f"| {r['name']} | {spread(m['ttft_p50_by_round_ms'])} "
             f"| {_f(t['p50'])} / {_f(t['p90'])} / {_f(t['p99'])} | {_f(i['p50'], 1)} / {_f(i['p99'], 1)} "
-            f"| {_f(m['e2e_ms']['p50'])} | {spread_rate(per_round_rps)} | {m['output_tokens_per_s']:.1f} "
+            f"| {_f(m['e2e_ms']['p50'])} | {spread_rate(users)} | {spread_rate(walls)} "
+            f"| {m['output_tokens_per_s']:.1f} "
             f"| {m['hit_rate']:.0%} | {_hits(m)} | {moved} | {_mib(m['peak_rss_bytes'])} | {_check(r['name'], r.get('check'))} "
             f"| {_f(m['loadavg'][0], 1)}–{_f(m['loadavg'][1], 1)} |")
     lines += ["", "TTFT p50 by turn (ms):", ""]
@@ -87,6 +90,15 @@ def markdown(report: dict[str, Any]) -> str:
         lines += [""] + [f"- **{r['name']}**: {r['status']}: {r['error']}" for r in others]
     lines += ["", _legend()]
     return "\n".join(lines) + "\n"
+
+
+def _working_set(report: dict[str, Any]) -> str:
+    w = report["workload"]
+    if not w.get("working_set_tokens") or not w.get("kv_space_tokens"):
+        return ""
+    return (f"Working set: {w['working_set_tokens']:,} distinct tokens of history (the shared prompt once), "
+            f"{w['working_set_tokens'] / w['kv_space_tokens']:.1f}x vLLM's KV space ({w['kv_space_tokens']:,} "
+            f"tokens of {w['kv_bytes_per_token']:,} bytes).")
 
 
 def _legend() -> str:

@@ -114,9 +114,10 @@ def _think(rng: random.Random, mean: float) -> float:
 def generate(settings: WorkloadSettings, tok: Tokenizer) -> Workload:
     if settings.trace:
         return from_trace(settings, tok, settings.trace)
-    rng = random.Random(settings.seed)
+    # Text and timing draw from separate streams: changing a text length keeps the arrivals and think times.
+    rng, timing = random.Random(settings.seed), random.Random(f"timing-{settings.seed}")
     system = _tokens(tok, rng, settings.system_tokens)
-    arrivals = _arrivals(rng, settings.conversations, settings.arrival_rate)
+    arrivals = _arrivals(timing, settings.conversations, settings.arrival_rate)
     convs = []
     for c in range(settings.conversations):
         document = _tokens(tok, rng, settings.document_tokens)
@@ -124,7 +125,8 @@ def generate(settings: WorkloadSettings, tok: Tokenizer) -> Workload:
         for t in range(settings.turns):
             question = _tokens(tok, rng, settings.question_tokens)
             segment = _opening(tok, system, document + question) if t == 0 else _follow_up(tok, question)
-            turns.append(Turn(segment, settings.answer_tokens, 0.0 if t == 0 else _think(rng, settings.think_time_s)))
+            turns.append(Turn(segment, settings.answer_tokens,
+                              0.0 if t == 0 else _think(timing, settings.think_time_s)))
         convs.append(Conversation(c, arrivals[c], turns))
     return Workload(convs, "generated")
 
@@ -171,6 +173,17 @@ def _trace_turns(settings: WorkloadSettings, tok: Tokenizer, rng: random.Random,
     if not turns:
         raise ConfigError(f"workload.trace: conversation {conv} has no user message")
     return turns
+
+
+def working_set_tokens(workload: Workload) -> int:
+    """Distinct tokens of history over all conversations by their last turn (answers included): the prefix every
+    conversation opens with (the shared system prompt) counts once."""
+    firsts = [c.turns[0].segment for c in workload.conversations if c.turns]
+    shared = 0
+    while firsts and all(len(f) > shared and f[shared] == firsts[0][shared] for f in firsts):
+        shared += 1
+    total = sum(len(t.segment) + t.max_tokens for c in workload.conversations for t in c.turns)
+    return total - shared * max(0, len(firsts) - 1)
 
 
 def check_fits(workload: Workload, max_model_len: int) -> None:
