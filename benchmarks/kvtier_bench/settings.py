@@ -54,12 +54,14 @@ ALL_CONFIGS = ("vllm-no-prefix", "vllm-prefix", "kvtier-dram", "kvtier-dram-disk
 POLICIES = ("lru", "lfu", "arc", "attention")
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # The default: kvtier's regime. Sixteen users, each with a ~2.2k-token document; histories grow to ~2.5k
-    # tokens on a 26M-parameter model (recomputing a history costs far more than loading it); ~37k distinct
-    # tokens of history, ~4.8x vLLM's KV space (7,680 tokens: the running requests fit, the idle conversations
-    # do not). kvtier keeps the idle histories in 48 MiB of DRAM over an LZ4 disk tier. Three interleaved rounds;
-    # about 8 minutes on 2 cores. (Measured before: 8 users over a 40 MiB KV space that held two running
-    # requests queued every kvtier request for KV blocks, 4-5x the reference's TTFT.)
+    # The default: kvtier's regime. Sixteen users share a 256-token system prompt, each brings a 1,792-token
+    # document; histories grow from ~2.2k to ~2.5k tokens on a 26M-parameter model (recomputing a history costs
+    # far more than loading it); ~36.5k distinct tokens of history, 4.8x vLLM's KV space (7,680 tokens: the
+    # running requests fit, the idle conversations do not). kvtier keeps the idle histories in 48 MiB of DRAM over
+    # an LZ4 disk tier. Three interleaved rounds; about 8.5 minutes on 2 cores. (Measured before: 8 users over a
+    # 40 MiB KV space that held two running requests: every kvtier request queued for KV blocks, 4-5x the
+    # reference's TTFT; arrivals at 2/s: the first turns' cold prefills saturated the engine and the second turns
+    # queued behind them, ~7x.)
     "chat": {
         "model": "small",
         "workload": {"conversations": 16, "turns": 4, "system_tokens": 256, "document_tokens": 1792,
