@@ -32,6 +32,7 @@ from kvtier.metrics import StoreMetrics
 from kvtier.tiers.base import Tier, Victim
 from kvtier.tiers.feedback import PolicyFeedback
 from kvtier.tiers.promotion import PromotionGate
+from kvtier.tiers.transit import InTransit
 
 if TYPE_CHECKING:
     from kvtier.config import KVTierConfig
@@ -71,10 +72,7 @@ class TierStack(PolicyFeedback):
         self.background = background
         self._raw_size: int | None = None
         self._top = 0  # the first tier that can hold a block: saves and promotions go there
-        # Victims between eviction and their landing one tier down: key -> (source tier index, record).
-        self._transit: dict[BlockKey, tuple[int, bytes]] = {}
-        self._transit_lock = threading.Lock()
-        self._landed = 0  # demotions finished; get rescans when this moved during its scan
+        self._transit = InTransit()  # victims between their eviction and their landing one tier down
 
     @property
     def raw_size(self) -> int | None:
@@ -169,10 +167,7 @@ class TierStack(PolicyFeedback):
         return True
 
     def _demote_all(self, index: int, victims: list[Victim]) -> None:
-        with self._transit_lock:
-            for victim_key, victim_record in victims:
-                if victim_record is not None:
-                    self._transit[victim_key] = (index, victim_record)
+        self._transit.begin(index, victims)
         for victim in victims:
             self.metrics.add(self.tiers[index].name, "evictions")
             if index == 0 and self.promotion is not None:
@@ -180,13 +175,7 @@ class TierStack(PolicyFeedback):
             try:
                 self._demote(index, victim)
             finally:
-                self._end_transit(victim[0], index)
-
-    def _end_transit(self, key: BlockKey, index: int) -> None:
-        with self._transit_lock:
-            if key in self._transit and self._transit[key][0] == index:
-                del self._transit[key]
-                self._landed += 1
+                self._transit.end(victim[0], index)
 
     def _put_below(self, index: int, key: BlockKey, record: bytes) -> bool:
         """A tier refused the record: try the next one down (re-encoded for it)."""
@@ -206,7 +195,7 @@ class TierStack(PolicyFeedback):
                 self.metrics.add(self.tiers[index].name, "demotions")
                 return
         self.metrics.add(self.tiers[index].name, "drops")
-        self._end_transit(key, index)
+        self._transit.end(key, index)
         self.on_change(key, self.where(key))
 
     def _convert(self, index: int, key: BlockKey, record: bytes) -> bytes | None:
@@ -252,7 +241,7 @@ class TierStack(PolicyFeedback):
 
     def _fetch(self, keys: Sequence[BlockKey], map_fn: MapFn, place: Place | None) -> list[Found | None]:
         found: list[Found | None] = [None] * len(keys)
-        landed = self._landed
+        landed = self._transit.landed
         missing = list(range(len(keys)))
         for index, tier in enumerate(self.tiers):
             wanted = [i for i in missing if tier.shared or tier.contains(keys[i])]
@@ -273,7 +262,7 @@ class TierStack(PolicyFeedback):
             missing = [i for i in missing if found[i] is None]
         for i in missing:  # a demotion in flight, or one that landed below a tier we had already passed
             found[i] = self._get_in_transit(keys[i], i, place)
-            if found[i] is None and self._landed != landed:
+            if found[i] is None and self._transit.landed != landed:
                 found[i] = self._rescan(keys[i], i, place)
             if found[i] is None:
                 self.metrics.add("all", "misses")
@@ -348,7 +337,7 @@ class TierStack(PolicyFeedback):
 
     def _get_in_transit(self, key: BlockKey, i: int = 0, place: Place | None = None) -> Found | None:
         """A block being demoted, served from the record in hand (in its source tier's format)."""
-        moving = self._moving(key)
+        moving = self._transit.get(key)
         if moving is None:
             return None
         tier = self.tiers[moving[0]]
@@ -367,13 +356,8 @@ class TierStack(PolicyFeedback):
         for tier in self.tiers:
             if tier.contains(key):
                 return tier.name
-        moving = self._moving(key)
+        moving = self._transit.get(key)
         return self.tiers[moving[0]].name if moving is not None else None
-
-    def _moving(self, key: BlockKey) -> tuple[int, bytes] | None:
-        """(source tier index, record) of a victim on its way down, or None."""
-        with self._transit_lock:
-            return self._transit.get(key)
 
     def usage(self) -> dict[str, dict[str, int]]:
         return {t.name: {"blocks": len(t), "used_bytes": t.used_bytes, "capacity": t.capacity} for t in self.tiers}
