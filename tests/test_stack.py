@@ -284,4 +284,27 @@ def test_raw_dram_hits_are_copied_on_the_calling_thread_and_decodes_use_the_thre
     assert stack.load_many([key(3), key(4), key(5)], _placer(out), threads) == ["dram"] * 3
     assert mapped == []
     assert stack.load_many([key(0), key(1)], _placer(out), threads) == ["disk", "disk"]
-    assert mapped == [2, 2]  # the disk reads and their decodes
+    assert mapped == [2]  # each disk record is read, decoded and placed in one job
+
+
+def test_a_promoted_disk_hit_keeps_its_bytes_after_the_read_buffer_is_reused(tmp_path: Path) -> None:
+    """load_many reads disk records into a buffer the thread reuses for its next record. A promotion that runs
+    later (in the background) must have taken its own copy, or DRAM would store the next record's bytes under
+    this key with a checksum of them: wrong KV served as a hit."""
+    cfg = KVTierConfig.from_dict({"tiers": [
+        {"kind": "dram", "capacity": "256KiB", "page_size": "16KiB"},
+        {"kind": "disk", "capacity": "1MiB", "path": str(tmp_path / "disk"), "codec": "none"},
+    ], "promote_on_hit": "always"}, env={})
+    later: list[Callable[[], None]] = []
+    stack = TierStack.from_config(cfg, background=later.append)
+    data = {i: block(i) for i in range(8)}
+    for i, raw in data.items():
+        stack.put(key(i), raw)  # 0..3 spilled to disk, uncompressed: the raw bytes are a view of the buffer
+    out: dict[int, bytearray] = {}
+    assert stack.load_many([key(0), key(1), key(2)], _placer(out)) == ["disk"] * 3
+    assert [out[i] == data[i] for i in range(3)] == [True] * 3
+    for job in later:  # the promotions run after the buffer was overwritten by the next records
+        job()
+    for i in range(3):
+        assert stack.tiers[0].contains(key(i))
+        assert stack.get(key(i)) == (data[i], "dram")

@@ -160,6 +160,25 @@ def test_disk_never_exceeds_capacity_on_disk(tmp_path: Path) -> None:
     assert len(kvb_files(tmp_path)) == len(tier)
 
 
+def test_disk_view_reads_into_one_buffer_per_thread(tmp_path: Path) -> None:
+    """A hit's records are read into the thread's buffer, reused record after record (no fresh memory to fault
+    in each time); a larger record grows it; ``get`` still hands out bytes of their own."""
+    t = disk(tmp_path / "disk")
+    small, large = make_record(make_key(1), 20_000), make_record(make_key(2), 50_000)
+    t.put(make_key(1), small)
+    t.put(make_key(2), large)
+    first = t.view(make_key(1))
+    assert isinstance(first, memoryview) and bytes(first) == small
+    again = t.view(make_key(1))
+    assert isinstance(again, memoryview) and again.obj is first.obj  # the same memory, not a new buffer
+    grown = t.view(make_key(2))
+    assert isinstance(grown, memoryview) and bytes(grown) == large
+    assert t.view(make_key(1)).obj is grown.obj  # type: ignore[union-attr]
+    assert t.get(make_key(1)) == small and isinstance(t.get(make_key(1)), bytes)
+    assert t.view(make_key(3)) is None
+    t.close()
+
+
 def test_disk_layout_fan_out(tmp_path: Path) -> None:
     tier = disk(tmp_path)
     key = make_key("layout")

@@ -227,19 +227,25 @@ class Tier(ABC):
 
     def get(self, key: BlockKey, touch: bool = True) -> bytes | None:
         """The record of ``key`` or None; ``touch=False`` leaves the access to an earlier ``touch_many``."""
+        return self._lookup(key, touch, self._read)  # type: ignore[return-value]
+
+    def view(self, key: BlockKey, touch: bool = True) -> bytes | memoryview | None:
+        """``get``, but the record may be a view of memory the tier reuses (its own, or a per-thread read buffer
+        that the same thread's next ``view`` overwrites): only for a caller that copies the bytes out and
+        verifies the copy before it reads another record on that thread (TierStack.load_many)."""
+        return self.get(key, touch)
+
+    def _lookup(self, key: BlockKey, touch: bool,
+                read: Callable[[BlockKey], bytes | memoryview | None]) -> bytes | memoryview | None:
+        """``read(key)`` of a held key (an access for the policy with ``touch``); a record gone is forgotten."""
         with self._lock:
             if key not in self._sizes:
                 return None
             if touch:
                 self.policy.on_access(key)
             if not self.concurrent_reads:
-                return self._read_or_forget(key)
-        return self._read_or_forget(key)
-
-    def view(self, key: BlockKey, touch: bool = True) -> bytes | memoryview | None:
-        """``get``, but the record may be a view of the tier's own memory that a later write changes (no copy):
-        only for a caller that copies the bytes out and verifies the copy (TierStack.load_many)."""
-        return self.get(key, touch)
+                return self._read_or_forget(key, read)
+        return self._read_or_forget(key, read)
 
     def touch_many(self, keys: Sequence[BlockKey]) -> None:
         """Tell the policy that the held ``keys`` are being read, in this order (a parallel read that follows
@@ -263,9 +269,10 @@ class Tier(ABC):
                 result.failed[key] = exc
         return result
 
-    def _read_or_forget(self, key: BlockKey) -> bytes | None:
+    def _read_or_forget(self, key: BlockKey,
+                        read: Callable[[BlockKey], bytes | memoryview | None]) -> bytes | memoryview | None:
         try:
-            record = self._read(key)
+            record = read(key)
         except TierError as exc:
             log.warning("tier %s: read failed, treating as a miss: %s", self.name, exc)
             return None

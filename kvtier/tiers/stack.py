@@ -95,23 +95,10 @@ class TierStack(PolicyFeedback):
     def from_config(cls, cfg: KVTierConfig, metrics: StoreMetrics | None = None,
                     on_change: Callable[[BlockKey, str | None], None] | None = None,
                     background: Callable[[Callable[[], None]], None] | None = None) -> TierStack:
-        from kvtier.security import load_auth_key, log_warnings_once, signs
-        from kvtier.tiers.factory import make_tier
+        from kvtier.tiers.factory import make_tiers
 
-        key = load_auth_key(cfg.auth)
-        log_warnings_once(cfg, key)
-        tiers: list[Tier] = []
-        try:
-            for i, t in enumerate(cfg.tiers):
-                tiers.append(make_tier(t, cfg.checksum, f"tiers[{i}]", key if signs(cfg, t) else None))
-            for tier in tiers:
-                tier.load_existing()
-        except BaseException:
-            for tier in tiers:
-                tier.close()
-            raise
-        return cls(tiers, cfg.promote_on_hit, [t.name for t in cfg.tiers if t.write_through], metrics, on_change,
-                   background)
+        return cls(make_tiers(cfg), cfg.promote_on_hit, [t.name for t in cfg.tiers if t.write_through], metrics,
+                   on_change, background)
 
     # ---- writes --------------------------------------------------------------------------------
     def put(self, key: BlockKey, raw: bytes | memoryview) -> bool:
@@ -240,6 +227,7 @@ class TierStack(PolicyFeedback):
         return [None if found is None else found[1] for found in self._fetch(keys, map_fn, place)]
 
     def _fetch(self, keys: Sequence[BlockKey], map_fn: MapFn, place: Place | None) -> list[Found | None]:
+        """With ``place`` a hit's raw bytes are where ``place`` copied them: the Found carries b"" instead."""
         found: list[Found | None] = [None] * len(keys)
         landed = self._transit.landed
         missing = list(range(len(keys)))
@@ -247,17 +235,11 @@ class TierStack(PolicyFeedback):
             wanted = [i for i in missing if tier.shared or tier.contains(keys[i])]
             if not wanted:
                 continue
-            # views only where nothing keeps the bytes: a promotion keeps them, so lower tiers hand out copies
             each = map if tier.in_memory and tier.codec.copies_only else map_fn  # threads only gain on decodes
-            records = self._read(tier, [keys[i] for i in wanted], each, view=place is not None and index == 0)
-            jobs = [(i, rec) for i, rec in zip(wanted, records) if rec is not None]
-            for i, raw in zip([i for i, _ in jobs],
-                              each(lambda job: self._verified(tier, keys[job[0]], job[1], job[0], place), jobs)):
+            for i, raw in zip(wanted, self._serve(index, tier, keys, wanted, each, place)):
                 if raw is not None:
                     found[i] = (raw, tier.name)
-                    if index > 0 and self.promote_on_hit:
-                        self._promote(tier, keys[i], raw)
-                    elif index == 0 and self.promotion is not None:
+                    if index == 0 and self.promotion is not None:
                         self.promotion.hit(keys[i])
             missing = [i for i in missing if found[i] is None]
         for i in missing:  # a demotion in flight, or one that landed below a tier we had already passed
@@ -269,19 +251,39 @@ class TierStack(PolicyFeedback):
                 self.on_change(keys[i], self.where(keys[i]))
         return found
 
-    def _read(self, tier: Tier, keys: list[BlockKey], map_fn: MapFn,
-              view: bool = False) -> list[bytes | memoryview | None]:
+    def _serve(self, index: int, tier: Tier, keys: Sequence[BlockKey], wanted: list[int], each: MapFn,
+               place: Place | None) -> Iterable[RawBytes | None]:
+        """Each wanted key's verified raw bytes (placed, with ``place``) or None. A local tier's record is read,
+        verified and placed in one job: used while in cache, and with ``place`` it may be a view of memory the
+        tier reuses (``Tier.view``: the disk tier's per-thread read buffer), as nothing keeps it."""
+        def hit(job: tuple[int, bytes | memoryview | None]) -> RawBytes | None:
+            return None if job[1] is None else self._hit(index, tier, keys[job[0]], job[1], job[0], place)
+
+        if tier.shared and len(wanted) > 1:
+            return each(hit, zip(wanted, self._read_batch(tier, [keys[i] for i in wanted])))
+        touch = len(wanted) == 1 or each is map
+        if not touch:
+            tier.touch_many([keys[i] for i in wanted])  # the policy sees the reads in key order, not thread order
+        read = tier.view if place is not None else tier.get
+        return each(lambda i: hit((i, self._read_one(tier, keys[i], read, touch))), wanted)
+
+    def _read_one(self, tier: Tier, key: BlockKey, read: Callable[..., bytes | memoryview | None],
+                  touch: bool) -> bytes | memoryview | None:
         start = time.perf_counter()
-        records: list[bytes | memoryview | None]
         try:
-            if tier.shared and len(keys) > 1:
-                records = list(tier.get_many(keys))
-            elif len(keys) > 1 and map_fn is not map:
-                tier.touch_many(keys)  # the policy sees the reads in key order, not in thread order
-                read = tier.view if view else tier.get
-                records = list(map_fn(lambda key: read(key, touch=False), keys))
-            else:
-                records = list(map_fn(tier.view if view else tier.get, keys))
+            record = read(key, touch=touch)
+        except Exception as exc:  # a tier failing in any way is a miss for this key, never an error
+            self._fail(tier, "read", exc)
+            return None
+        if record is not None:
+            self.metrics.observe(tier.name, "get", time.perf_counter() - start)
+        return record
+
+    def _read_batch(self, tier: Tier, keys: list[BlockKey]) -> list[bytes | None]:
+        """A shared tier's records of ``keys`` in one batch (its round trips overlap)."""
+        start = time.perf_counter()
+        try:
+            records = list(tier.get_many(keys))
         except Exception as exc:  # a tier failing in any way is a miss for these keys, never an error
             self._fail(tier, "read", exc)
             return [None] * len(keys)
@@ -290,6 +292,17 @@ class TierStack(PolicyFeedback):
             if record is not None:
                 self.metrics.observe(tier.name, "get", each)
         return records
+
+    def _hit(self, index: int, tier: Tier, key: BlockKey, record: bytes | memoryview, i: int,
+             place: Place | None) -> RawBytes | None:
+        """A record read from ``tier``, verified (and placed); promoted from a lower tier when asked (a copy of
+        it when the record is a view of memory its tier reuses)."""
+        raw = self._verified(tier, key, record, i, place)
+        if raw is None:
+            return None
+        if index > 0 and self.promote_on_hit:
+            self._promote(tier, key, raw, copy=isinstance(record, memoryview))
+        return raw if place is None else b""
 
     def _verified(self, tier: Tier, key: BlockKey, record: bytes | memoryview, i: int = 0,
                   place: Place | None = None) -> RawBytes | None:
@@ -306,18 +319,22 @@ class TierStack(PolicyFeedback):
     def _rescan(self, key: BlockKey, i: int = 0, place: Place | None = None) -> Found | None:
         for tier in self.tiers:
             if tier.contains(key):
-                record = self._read(tier, [key], map)[0]
+                record = self._read_one(tier, key, tier.get, True)
                 raw = None if record is None else self._verified(tier, key, record, i, place)
                 if raw is not None:
                     return raw, tier.name
         return None
 
-    def _promote(self, tier: Tier, key: BlockKey, raw: RawBytes) -> None:
+    def _promote(self, tier: Tier, key: BlockKey, raw: RawBytes, copy: bool = False) -> None:
+        """Copy a lower tier's hit up into the top tier (in the background when a runner is set); ``copy`` when
+        ``raw`` is memory its owner reuses once this returns."""
         if self._top != 0:
             return  # the top tier cannot hold a block
         if self.promotion is not None and not self.promotion.admit():
             self.metrics.add(tier.name, "promotions_skipped")
             return
+        if copy:
+            raw = bytes(raw)
 
         def promote() -> None:
             if self.tiers[0].contains(key):
