@@ -128,6 +128,11 @@ def test_direct_loads_write_host_blocks_like_the_staged_path(layout: str) -> Non
         assert torch.equal(direct[name].select(dim, 3), src[name].select(dim, 5))
     with pytest.raises(ValueError, match="bytes for a block"):
         list(cp.layout.place_block(0, b"\0" * 7))
+    before = {name: t.clone() for name, t in direct.items()}
+    for bad in (-1, cp.layout.num_blocks):  # never wraps round, never spills into the next row of blocks
+        with pytest.raises(IndexError, match="outside the KV caches"):
+            list(cp.layout.place_block(bad, bytes(records[0])))
+    assert all(torch.equal(direct[name], before[name]) for name in direct)
     # Saves the same way: blocks straight into records, the bytes the staged path gives.
     out = np.empty((len(ids), cp.layout.block_bytes), dtype=np.uint8)
     copier(src).layout.read_blocks(ids, out)
