@@ -193,11 +193,10 @@ def main() -> int:
     if args.worker:
         worker(json.loads(args.worker))
         return 0
-    from kvtier_bench.models import SIZES, build_model
+    from kvtier_bench.models import build_model, kv_bytes_per_token
 
     model = build_model(args.size)
-    shape = SIZES[args.size]
-    per_block = 2 * shape.num_hidden_layers * shape.num_key_value_heads * shape.head_dim * 2 * BLOCK  # K and V, bf16
+    per_block = kv_bytes_per_token(model) * BLOCK  # K and V, bf16
     blocks_per_request = -(-(args.prefix_tokens + args.suffix_tokens + args.max_tokens) // BLOCK)
     kv = {"small": max(int(args.prefixes * args.kv_fraction), args.concurrency) * blocks_per_request * per_block,
           "reference": (args.prefixes + 2 * args.concurrency) * blocks_per_request * per_block}

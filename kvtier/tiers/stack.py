@@ -256,16 +256,16 @@ class TierStack(PolicyFeedback):
         """Each wanted key's verified raw bytes (placed, with ``place``) or None. A local tier's record is read,
         verified and placed in one job: used while in cache, and with ``place`` it may be a view of memory the
         tier reuses (``Tier.view``: the disk tier's per-thread read buffer), as nothing keeps it."""
-        def hit(job: tuple[int, bytes | memoryview | None]) -> RawBytes | None:
-            return None if job[1] is None else self._hit(index, tier, keys[job[0]], job[1], job[0], place)
+        def hit(i: int, record: bytes | memoryview | None) -> RawBytes | None:
+            return None if record is None else self._hit(index, tier, keys[i], record, i, place)
 
         if tier.shared and len(wanted) > 1:
-            return each(hit, zip(wanted, self._read_batch(tier, [keys[i] for i in wanted])))
+            return each(lambda job: hit(*job), zip(wanted, self._read_batch(tier, [keys[i] for i in wanted])))
         touch = len(wanted) == 1 or each is map
         if not touch:
             tier.touch_many([keys[i] for i in wanted])  # the policy sees the reads in key order, not thread order
         read = tier.view if place is not None else tier.get
-        return each(lambda i: hit((i, self._read_one(tier, keys[i], read, touch))), wanted)
+        return each(lambda i: hit(i, self._read_one(tier, keys[i], read, touch)), wanted)
 
     def _read_one(self, tier: Tier, key: BlockKey, read: Callable[..., bytes | memoryview | None],
                   touch: bool) -> bytes | memoryview | None:
