@@ -285,3 +285,16 @@ def test_a_step_with_nothing_scheduled_is_marked_idle(tmp_path) -> None:  # type
     assert s.build_connector_meta(sched_output()).idle
     new = SimpleNamespace(req_id="a", block_ids=([5],), num_computed_tokens=0)
     assert not s.build_connector_meta(sched_output(new=[new], scheduled={"a": 16})).idle
+
+
+def test_with_copies_that_end_in_their_step_a_finished_request_is_freed_at_once(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    cfg = KVTierConfig.from_dict({"tiers": [{"kind": "dram", "capacity": "1MiB"}]}, env={})
+    s = SchedulerSide(cfg, FP, BS, copies_end_in_step=True)  # host KV caches (the CPU build)
+    a = request("a", list(range(13)))
+    s.get_num_new_matched_tokens(a, 0)
+    s.update_state_after_alloc(a, blocks([5, 6, 7, 8]), 0)
+    meta = s.build_connector_meta(sched_output(new=[SimpleNamespace(req_id="a", block_ids=([5, 6, 7, 8],),
+                                                                    num_computed_tokens=0)], scheduled={"a": 13}))
+    assert len(meta.saves) == 3  # its blocks are saved, and the copies were done when the step returned
+    assert s.request_finished(a) is False
+    assert s.build_connector_meta(sched_output()).release_after_saves == []

@@ -49,6 +49,11 @@ def _parallel_rank(world: int) -> int:
     return int(get_tensor_model_parallel_rank())
 
 
+def _host_kv(vllm_config: VllmConfig) -> bool:
+    """KV caches in host memory (the CPU build): the workers copy blocks out without streams, done on return."""
+    return str(getattr(vllm_config.device_config, "device_type", "")) == "cpu"
+
+
 def frees_running_blocks(kv_cache_config: KVCacheConfig | None) -> bool:
     """Whether vLLM may free blocks of a running request (sliding-window, chunked-local, gapped attention...):
     then every step is ordered after the save copies in flight. Only plain full attention never does."""
@@ -94,7 +99,7 @@ class KVTierConnector(KVConnectorBase_V1):
                 # A block that fails verification must be recomputed, never fail the request.
                 object.__setattr__(transfer, "kv_load_failure_policy", "recompute")
             self._scheduler = SchedulerSide(self.cfg, fingerprint_from_vllm(vllm_config, kv_cache_config),
-                                            self.block_size, world)
+                                            self.block_size, world, copies_end_in_step=_host_kv(vllm_config))
         else:
             from kvtier.connector.worker import WorkerSide
 

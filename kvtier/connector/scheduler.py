@@ -37,10 +37,15 @@ class _ReqState:
 
 
 class SchedulerSide:
-    def __init__(self, cfg: KVTierConfig, fingerprint: ModelFingerprint, block_size: int, world: int = 1) -> None:
+    def __init__(self, cfg: KVTierConfig, fingerprint: ModelFingerprint, block_size: int, world: int = 1,
+                 copies_end_in_step: bool = False) -> None:
         self.cfg = cfg
         self.fingerprint = fingerprint
         self.block_size = block_size
+        # Host KV caches (the CPU build): the workers' save copies are done when the step that issued them returns,
+        # so a finished request's blocks are never read afterwards and vLLM may free them at once. Holding them
+        # one more step kept a waiting request out of a full KV space for that step (often a long prefill).
+        self.delay_release = not copies_end_in_step
         # What vLLM's hit-source metrics call each tier ("host", "disk", "external"), declared by its class.
         self.tier_sources = {t.name: TIERS.resolve(t.kind, f"tiers[{i}].kind").hit_source
                              for i, t in enumerate(cfg.tiers)}
@@ -213,16 +218,18 @@ class SchedulerSide:
 
     def request_finished(self, request: Request) -> bool:
         """True when vLLM must keep the request's blocks until the worker reports it in finished_sending:
-        copies out of them may still be in flight (announced to the workers in the next step's metadata)."""
+        copies out of them may still be in flight (announced to the workers in the next step's metadata).
+        Never with host KV caches, whose copies end within the step that issued them."""
         state = self._reqs.pop(request.request_id, None)
-        if state is not None and state.saving:
+        delay = state is not None and state.saving and self.delay_release
+        if delay:
             self._releases.append(request.request_id)
         if state is not None and log.isEnabledFor(logging.DEBUG):
             log.debug("request %s: %s", request.request_id, json.dumps({
                 "prompt_tokens": request.num_prompt_tokens, "output_tokens": request.num_output_tokens,
                 "hit_tokens_by_tier": state.hit_tiers, "blocks_saved": state.saves_planned,
                 "index_blocks": len(self.index)}))
-        return state is not None and state.saving
+        return delay
 
     def shutdown(self) -> None:
         if self.shared is not None:

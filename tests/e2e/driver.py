@@ -76,6 +76,8 @@ def main() -> None:
         answer = list(out.outputs[0].token_ids)
         result["turns"].append({"prompt_len": len(prompt), "cached": out.num_cached_tokens, "output": answer,
                                 "wall_s": round(time.perf_counter() - started, 4)})
+        if spec.get("in_process"):  # requests vLLM still holds (blocks not freed) once generate has returned
+            result["turns"][-1]["held_requests"] = len(llm.llm_engine.engine_core.engine_core.scheduler.requests)
         # Repeat the same prompt after vLLM's own prefix cache is emptied: only kvtier can serve it.
         if spec.get("repeat_after_reset"):
             time.sleep(spec.get("settle_s", 0.3))  # let async saves land

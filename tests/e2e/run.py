@@ -19,6 +19,8 @@ def driver_env(spec: dict, hash_seed: str = "0") -> dict[str, str]:
     binding = "|".join(str(r % 2) for r in range(ranks)) if ranks > 1 else "0-1"
     env = dict(os.environ, PYTHONHASHSEED=hash_seed, VLLM_CPU_OMP_THREADS_BIND=binding, VLLM_CPU_KVCACHE_SPACE="1",
                PYTHONPATH=os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")])))
+    if spec.get("in_process"):  # engine core in the driver's process: the driver can look at vLLM's scheduler
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     return env
 
 
