@@ -111,6 +111,7 @@ def test_runs_and_writes_table_and_plots(report: tuple[dict, Path, subprocess.Co
     table = (out / "results.md").read_text()
     assert "| config | TTFT p50 ms per round: median (min–max) | TTFT p50 / p90 / p99 ms" in table
     assert "| kvtier-dram |" in table and "TTFT vs reference" in table
+    assert "| all turns, per round | steps leaving requests queued (most queued) |" in table
     for png in ("ttft_by_turn.png", "hits_by_tier.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert data["plots"] == ["ttft_by_turn.png", "hits_by_tier.png"]
@@ -138,6 +139,11 @@ def test_every_configuration_has_metrics(report: tuple[dict, Path, subprocess.Co
             assert len(req["output"]) == 32 and req["token_s"] == sorted(req["token_s"])
             assert req["token_s"][0] > req["arrival_s"]
         assert sum(m["hit_tokens_by_tier"].values()) == m["cached_tokens"]
+        # vLLM's waiting queue, watched after every step of the timed round (the engine core is in-process)
+        queue = m["queue"]
+        assert queue["steps"] > 0 and 0 <= queue["waiting_steps"] <= queue["steps"], queue
+    # The reference's KV space never fills: two conversations are always admitted at once.
+    assert rows["reference"]["summary"]["queue"]["waiting_steps"] == 0
     kv = rows["kvtier-dram"]["summary"]["kvtier"]
     assert kv["saved_bytes"] > 0 and kv["load_failed_blocks"] == 0 and "dram" in kv["usage"]
     # Turn 1 re-uses the history: the second turn of each conversation hits.

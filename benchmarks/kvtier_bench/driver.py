@@ -85,8 +85,9 @@ def warm_up(engine: Any, block_size: int) -> None:
     generate_one(engine, "warmup", [7 + (i * 31) % 3000 for i in range(block_size - 1)], 4)
 
 
-def replay(engine: Any, workload: Workload) -> list[dict[str, Any]]:
-    """Replay the conversations with their arrival and think times; return one record per request."""
+def replay(engine: Any, workload: Workload) -> tuple[list[dict[str, Any]], dict[str, int] | None]:
+    """Replay the conversations with their arrival and think times: one record per request, and how often
+    requests were left waiting in vLLM's queue (QueueWatch)."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -97,6 +98,7 @@ def replay(engine: Any, workload: Workload) -> list[dict[str, Any]]:
     heapq.heapify(ready)
     live: dict[str, dict[str, Any]] = {}
     done: list[dict[str, Any]] = []
+    queue = QueueWatch(engine)
     t0 = time.perf_counter()
     while ready or live:
         now = time.perf_counter() - t0
@@ -114,6 +116,7 @@ def replay(engine: Any, workload: Workload) -> list[dict[str, Any]]:
             continue
         outputs = engine.step()
         stamp = time.perf_counter() - t0
+        queue.after_step()
         for out in outputs:
             rec = live[out.request_id]
             tokens = list(out.outputs[0].token_ids)
@@ -128,7 +131,32 @@ def replay(engine: Any, workload: Workload) -> list[dict[str, Any]]:
                 if turn_idx + 1 < len(convs[conv_id].turns):
                     nxt = convs[conv_id].turns[turn_idx + 1]
                     heapq.heappush(ready, (stamp + nxt.think_time_s, conv_id, turn_idx + 1))
-    return done
+    return done, queue.summary()
+
+
+class QueueWatch:
+    """How often requests were left in vLLM's waiting queue after a step (not admitted: its KV space or its
+    batch was full). The reference, whose KV space never fills, should have none; a configuration with a small
+    KV space queues in bursts, which is part of its TTFT. Needs the engine core in this process (the default);
+    with multiprocessing the summary is None."""
+
+    def __init__(self, engine: Any) -> None:
+        core = getattr(getattr(engine, "engine_core", None), "engine_core", None)
+        self.scheduler = getattr(core, "scheduler", None)
+        self.steps = self.waiting_steps = self.max_waiting = 0
+
+    def after_step(self) -> None:
+        if self.scheduler is None:
+            return
+        waiting = len(self.scheduler.waiting)
+        self.steps += 1
+        self.waiting_steps += waiting > 0
+        self.max_waiting = max(self.max_waiting, waiting)
+
+    def summary(self) -> dict[str, int] | None:
+        if self.scheduler is None:
+            return None
+        return {"steps": self.steps, "waiting_steps": self.waiting_steps, "max_waiting": self.max_waiting}
 
 
 def generate_one(engine: Any, rid: str, prompt: list[int], max_tokens: int) -> Any:
@@ -185,7 +213,7 @@ def timed_round(llm: Any, workload: Workload, index: int, stats_file: str | None
     time.sleep(0.2)
     out: dict[str, Any] = {"kvtier_before": read_stats(stats_file), "loadavg_before": os.getloadavg()}
     begin = time.perf_counter()
-    out["requests"] = replay(llm.llm_engine, workload)
+    out["requests"], out["queue"] = replay(llm.llm_engine, workload)
     out["wall_s"] = round(time.perf_counter() - begin, 3)
     out["loadavg_after"] = os.getloadavg()
     time.sleep(0.5)  # the last saves were made many steps ago; the worker wrote its counters after each step

@@ -76,20 +76,27 @@ def markdown(report: dict[str, Any]) -> str:
     lines += ["", "TTFT p50 by turn (ms):", ""]
     turns = sorted({t for r in report["results"] if r["status"] == "ok" for t in r["summary"]["ttft_by_turn_ms"]},
                    key=int)
-    lines.append("| config | " + " | ".join(f"turn {t}" for t in turns) + " | all turns, per round |")
-    lines.append("|---|" + "---|" * (len(turns) + 1))
+    lines.append("| config | " + " | ".join(f"turn {t}" for t in turns)
+                 + " | all turns, per round | steps leaving requests queued (most queued) |")
+    lines.append("|---|" + "---|" * (len(turns) + 2))
     for r in report["results"]:
         if r["status"] == "ok":
             by = r["summary"]["ttft_by_turn_ms"]
             per_round = ", ".join(_f(v) for v in r["summary"]["ttft_p50_by_round_ms"])
             lines.append(f"| {r['name']} | " + " | ".join(_f(by.get(t, {}).get("p50")) for t in turns)
-                         + f" | {per_round} |")
+                         + f" | {per_round} | {_queued(r['summary'].get('queue'))} |")
     lines += compare_markdown(report.get("comparisons", []))
     others = [r for r in report["results"] if r["status"] != "ok"]
     if others:
         lines += [""] + [f"- **{r['name']}**: {r['status']}: {r['error']}" for r in others]
     lines += ["", _legend()]
     return "\n".join(lines) + "\n"
+
+
+def _queued(queue: dict[str, Any] | None) -> str:
+    if not queue:
+        return "–"
+    return f"{queue['waiting_share']:.1%} of {queue['steps']:,} ({queue['max_waiting']})"
 
 
 def _working_set(report: dict[str, Any]) -> str:
@@ -105,7 +112,10 @@ def _legend() -> str:
     return (
         "TTFT is measured from each request's scheduled arrival (so it includes queueing), ITL between "
         "consecutive tokens of one request, both from the engine's step loop. Hit tokens: `vllm` = vLLM's own "
-        "prefix cache, the others = tokens kvtier loaded from that tier.\n\n"
+        "prefix cache, the others = tokens kvtier loaded from that tier. *Steps leaving requests queued*: "
+        "engine steps after which requests were still waiting to be admitted (vLLM's KV space or batch was "
+        "full); a small KV space queues requests in bursts, which the reference's never-evicting one does not, "
+        "and that waiting is part of the TTFT.\n\n"
         "*Outputs vs reference*: after the timed run each engine empties its caches (vLLM's and kvtier's) and "
         "replays the conversations one request at a time, in the same order everywhere; greedy outputs are "
         "compared with the `reference` (vLLM prefix cache large enough to never evict). *strict* = requests "

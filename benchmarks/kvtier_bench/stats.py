@@ -50,6 +50,17 @@ def _hit_tokens(rounds: list[dict[str, Any]], cached: int, block_size: int) -> d
     return {"vllm": cached - sum(tiers.values()), **tiers}
 
 
+def _queue(rounds: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Engine steps after which requests were still waiting to be admitted (driver.QueueWatch), all rounds."""
+    watched: list[dict[str, int]] = [rnd["queue"] for rnd in rounds if rnd.get("queue")]
+    if not watched or len(watched) < len(rounds):
+        return None
+    steps = sum(q["steps"] for q in watched)
+    waiting = sum(q["waiting_steps"] for q in watched)
+    return {"steps": steps, "waiting_steps": waiting, "waiting_share": round(waiting / steps, 4) if steps else 0.0,
+            "max_waiting": max(q["max_waiting"] for q in watched)}
+
+
 def _kvtier(rounds: list[dict[str, Any]]) -> dict[str, Any] | None:
     if not rounds or not rounds[-1].get("kvtier_after"):
         return None
@@ -101,6 +112,7 @@ def summarize(raw: dict[str, Any], block_size: int) -> dict[str, Any]:
         "hit_rate_by_turn": {str(t): round(h / p, 4) if p else 0.0 for t, (h, p) in sorted(hits_by_turn.items())},
         "hit_tokens_by_tier": _hit_tokens(rounds, cached, block_size),
         "kvtier": _kvtier(rounds),
+        "queue": _queue(rounds),
         "peak_rss_bytes": raw["peak_rss_bytes"],
         "startup_s": raw["startup_s"],
         "import_s": raw.get("import_s"),
