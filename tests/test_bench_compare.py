@@ -66,3 +66,14 @@ def test_the_users_rate_follows_the_answers_where_the_wall_time_follows_the_paus
     walls = throughput_ratio({"rounds": [fast]}, {"rounds": [slow]})["ratio"]
     users = throughput_ratio({"rounds": [fast]}, {"rounds": [slow]}, users_rate)["ratio"]
     assert walls < 1.35 and users > 1.95
+
+
+def test_rounds_rotate_the_order_of_the_configurations() -> None:
+    from kvtier_bench.runner import round_order
+
+    names = ["reference", "vllm-prefix", "kvtier"]
+    orders = [round_order(names, i) for i in range(3)]  # type: ignore[arg-type]
+    assert orders == [names, ["vllm-prefix", "kvtier", "reference"], ["kvtier", "reference", "vllm-prefix"]]
+    # Over as many rounds as configurations, each runs once in every position.
+    assert all(sorted(o[position] for o in orders) == sorted(names) for position in range(3))
+    assert round_order(names, 3) == names and round_order([], 5) == []

@@ -144,7 +144,7 @@ def execute(configs: list[RunConfig], settings: BenchSettings, specs: dict[str, 
         live = [d for d in drivers if d.ready and d.alive]
         progress.advance(per_round * settings.rounds * (len(drivers) - len(live)))
         for index in range(settings.rounds):
-            for drv in live:
+            for drv in runner.round_order(live, index):
                 if not drv.alive:
                     continue
                 progress.phase(f"{drv.cfg.name}: round {index + 1}/{settings.rounds}")

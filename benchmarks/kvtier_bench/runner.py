@@ -1,9 +1,9 @@
 """Runs each configuration in its own driver process (one vLLM engine each) and collects the results.
 
 All engines are started first (a few at a time) and stay up, waiting for commands; then the timed rounds run
-one configuration at a time, round-robin (round 1 of every configuration, then round 2, ...), so a busy spell
-of a shared machine spreads over all configurations instead of hitting one; then the correctness passes, one
-engine at a time as well.
+one configuration at a time, round-robin (round 1 of every configuration, then round 2, ..., the order rotated
+each round), so a busy spell of a shared machine spreads over all configurations instead of hitting one; then
+the correctness passes, one engine at a time as well.
 """
 
 from __future__ import annotations
@@ -119,6 +119,15 @@ def _read_output(drv: Driver) -> None:
                 drv.ready = True
             elif line.startswith("BENCH-DONE"):
                 drv.done += 1
+
+
+def round_order(drivers: list[Driver], index: int) -> list[Driver]:
+    """The order of round ``index``: rotated by one each round, so no configuration always runs right after the
+    same one (e.g. after vllm-prefix's CPU-bound recomputes) or always first."""
+    if not drivers:
+        return []
+    shift = index % len(drivers)
+    return drivers[shift:] + drivers[:shift]
 
 
 @contextlib.contextmanager
