@@ -72,7 +72,7 @@ def test_rounds_rotate_the_order_of_the_configurations() -> None:
     from kvtier_bench.runner import round_order
 
     names = ["reference", "vllm-prefix", "kvtier"]
-    orders = [round_order(names, i) for i in range(3)]  # type: ignore[arg-type]
+    orders = [round_order(names, i) for i in range(3)]
     assert orders == [names, ["vllm-prefix", "kvtier", "reference"], ["kvtier", "reference", "vllm-prefix"]]
     # Over as many rounds as configurations, each runs once in every position.
     assert all(sorted(o[position] for o in orders) == sorted(names) for position in range(3))

@@ -17,10 +17,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from kvtier_bench.configs import RunConfig
 
@@ -121,13 +121,16 @@ def _read_output(drv: Driver) -> None:
                 drv.done += 1
 
 
-def round_order(drivers: list[Driver], index: int) -> list[Driver]:
+T = TypeVar("T")
+
+
+def round_order(drivers: Sequence[T], index: int) -> list[T]:
     """The order of round ``index``: rotated by one each round, so no configuration always runs right after the
     same one (e.g. after vllm-prefix's CPU-bound recomputes) or always first."""
     if not drivers:
         return []
     shift = index % len(drivers)
-    return drivers[shift:] + drivers[:shift]
+    return [*drivers[shift:], *drivers[:shift]]
 
 
 @contextlib.contextmanager
