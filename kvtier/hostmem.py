@@ -37,3 +37,11 @@ def keep_freed_memory(trim_bytes: int) -> bool:
     if not ok:
         log.info("kvtier: the C library refused the allocator settings; host buffers are page-faulted as usual")
     return ok
+
+
+def glibc_tunables(trim_bytes: int) -> str:
+    """The ``GLIBC_TUNABLES`` value that gives a process, from its start, the settings ``keep_freed_memory``
+    applies (benchmarks run plain vLLM with it, so a comparison measures kvtier's connector, not the allocator)."""
+    return (f"glibc.malloc.mmap_threshold={MMAP_THRESHOLD_MAX}:"
+            f"glibc.malloc.trim_threshold={min(trim_bytes, 2**31 - 1)}")
+

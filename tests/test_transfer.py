@@ -152,3 +152,40 @@ def test_the_worker_keeps_freed_memory_on_glibc_and_can_be_told_not_to() -> None
     assert keep_freed_memory(0) is False  # 0: the allocator is left alone
     if platform.libc_ver()[0] == "glibc":
         assert keep_freed_memory(256 << 20) is True
+
+
+_HEAP_PROBE = """
+import ctypes
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+block = libc.malloc(4 << 20)
+for line in open("/proc/self/maps"):
+    if line.rstrip().endswith("[heap]"):
+        lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+        print(lo <= block < hi)
+        break
+else:
+    print(False)
+"""
+
+
+def test_glibc_tunables_give_a_new_process_the_workers_allocator_settings() -> None:
+    """A 4 MiB block comes from a fresh mmap with glibc's defaults and from the heap with kvtier's settings: what
+    the benchmarks rely on to start plain vLLM with the allocator kvtier's worker gives its process."""
+    import os
+    import platform
+    import subprocess
+    import sys
+
+    from kvtier.hostmem import glibc_tunables
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc tunables only")
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+
+    def from_heap(extra: dict[str, str]) -> str:
+        return subprocess.run([sys.executable, "-c", _HEAP_PROBE], env={**env, **extra}, capture_output=True,
+                              text=True, check=True).stdout.strip()
+
+    assert from_heap({}) == "False"
+    assert from_heap({"GLIBC_TUNABLES": glibc_tunables(256 << 20)}) == "True"
