@@ -9,6 +9,8 @@ saw before:
   miss      a 1-token generate of a fresh prompt: the full prefill (nothing holds it)
   resident  the same again: vLLM's own prefix cache serves it
   tier      after reset_prefix_cache (the engine stepped until it succeeds): only kvtier can serve it
+  resident after   the same again: vLLM's own cache now holds what kvtier loaded (the engine's own resident
+            hit, with no save of the miss running beside it, unlike ``resident`` in a kvtier engine)
   decode    another fresh prompt generating --decode-tokens tokens, one engine step at a time: TTFT and the
             median gap between tokens (ITL)
 Ratios are paired by rep (same prompts, same moment) and summarised as the geometric mean with a 95% bootstrap
@@ -18,6 +20,10 @@ Allocator: kvtier's worker sets glibc's allocator to keep freed memory (kvtier/h
 process-wide and also speeds up vLLM's own CPU work (a 2k-token miss ~5-12% faster here). With ``--allocator
 kvtier`` (the default) every engine, plain included, starts with the same settings (GLIBC_TUNABLES), so the
 ratios measure the connector; ``--allocator default`` leaves plain vLLM's allocator as shipped.
+
+The connector's own cost on a decode step is also timed directly: every method of kvtier's connector that vLLM
+calls is wrapped with a timer in the (in-process) engine, and "hooks per decode step" is their total time over
+the decode steps of the ``decode`` generate, divided by the steps.
 
 Guard: the prefill rate (prompt tokens / miss TTFT) of every engine and rep is recorded. A run whose rates
 spread by more than ``--max-rate-spread`` (e.g. one engine's threads oversubscribed, or a busy machine) is
@@ -29,6 +35,7 @@ Usage: python benchmarks/bench_connector_ttft.py [--size base] [--reps 8] [--out
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import os
@@ -57,8 +64,10 @@ ALLOCATORS = {"kvtier": "the settings kvtier's connector applies (GLIBC_TUNABLES
 
 
 # ---- worker process: one engine, commands on stdin ---------------------------------------------------------
-def _generate(llm: Any, tokens: list[int], max_tokens: int) -> list[float]:
-    """Seconds from submission to each generated token, driving the engine one step at a time."""
+def _generate(llm: Any, tokens: list[int], max_tokens: int, hooks: list[float] | None = None,
+              hook_stamps: list[float] | None = None) -> list[float]:
+    """Seconds from submission to each generated token, driving the engine one step at a time; with ``hooks``
+    (``_time_hooks``) the connector's seconds so far at each token go to ``hook_stamps``."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -70,8 +79,39 @@ def _generate(llm: Any, tokens: list[int], max_tokens: int) -> list[float]:
     while engine.has_unfinished_requests():
         for out in engine.step():
             now = time.perf_counter() - start
-            stamps += [now] * (len(out.outputs[0].token_ids) - len(stamps))
+            new = len(out.outputs[0].token_ids) - len(stamps)
+            stamps += [now] * new
+            if hooks is not None and hook_stamps is not None:
+                hook_stamps += [hooks[0]] * new
     return stamps
+
+
+# Every connector method vLLM calls while requests run (scheduler and worker side; the engine is in-process).
+HOOKS = ("get_num_new_matched_tokens", "update_state_after_alloc", "get_external_cache_hit_sources",
+         "build_connector_meta", "update_connector_output", "request_finished", "start_load_kv",
+         "wait_for_layer_load", "save_kv_layer", "wait_for_save", "get_finished", "get_block_ids_with_load_errors",
+         "build_connector_worker_meta", "get_kv_connector_stats", "handle_preemptions")
+
+
+def _time_hooks() -> list[float]:
+    """Wrap kvtier's connector methods so the seconds spent in them add up in the returned one-item list."""
+    from kvtier.connector.connector import KVTierConnector
+
+    spent = [0.0]
+
+    def timed(fn: Any) -> Any:
+        @functools.wraps(fn)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[0] += time.perf_counter() - start
+        return call
+
+    for name in HOOKS:
+        setattr(KVTierConnector, name, timed(getattr(KVTierConnector, name)))
+    return spent
 
 
 def _reset(llm: Any) -> None:
@@ -96,21 +136,26 @@ def worker(spec: dict[str, Any]) -> None:
                                                         kv_connector_extra_config=spec["kvtier"])
     llm = LLM(model=spec["model"], dtype="bfloat16", max_model_len=4096, enforce_eager=True, seed=0,
               block_size=BLOCK, **kwargs)
-    _rep(llm, spec["length"], -1, spec["decode"])  # warm-up: a whole rep (allocator, pools, files) before timing
+    hooks = _time_hooks() if spec.get("kvtier") else None
+    _rep(llm, spec["length"], -1, spec["decode"], hooks)  # warm-up: a whole rep (allocator, pools, files) first
     print("READY", flush=True)
     for line in sys.stdin:
-        print("RESULT " + json.dumps(_rep(llm, spec["length"], int(line), spec["decode"])), flush=True)
+        print("RESULT " + json.dumps(_rep(llm, spec["length"], int(line), spec["decode"], hooks)), flush=True)
 
 
-def _rep(llm: Any, length: int, rep: int, decode: int) -> dict[str, float]:
+def _rep(llm: Any, length: int, rep: int, decode: int, hooks: list[float] | None = None) -> dict[str, float]:
     reused = prompt(10_000 + rep, length)
     out = {"miss": _generate(llm, reused, 1)[0], "resident": _generate(llm, reused, 1)[0]}
     time.sleep(0.3)  # background saves land (a load would wait for them anyway)
     _reset(llm)
     out["tier"] = _generate(llm, reused, 1)[0]
-    stamps = _generate(llm, prompt(20_000 + rep, length), decode)
+    out["resident_after"] = _generate(llm, reused, 1)[0]  # now vLLM's own cache holds what the tier gave it
+    spent: list[float] = []
+    stamps = _generate(llm, prompt(20_000 + rep, length), decode, hooks, spent)
     out["decode_ttft"] = stamps[0]
     out["itl"] = statistics.median(b - a for a, b in itertools.pairwise(stamps))
+    if hooks is not None:  # the connector's time per decode step (the steps after the first token)
+        out["hooks_per_step"] = (spent[-1] - spent[0]) / (len(spent) - 1)
     _reset(llm)
     return out
 
@@ -122,7 +167,7 @@ def summarise(raw: dict[str, list[dict[str, float]]], length: int, max_spread: f
     def paired(name: str, metric: str, base: str) -> dict[str, Any]:
         return geo_interval([r[metric] / p[base] for r, p in zip(raw[name], plain)])
 
-    medians = {name: {k: round(statistics.median(r[k] for r in reps) * 1000, 2) for k in reps[0]}
+    medians = {name: {k: round(statistics.median(r[k] for r in reps) * 1000, 3) for k in reps[0]}
                for name, reps in raw.items()}
     rates = {name: [round(length / r["miss"]) for r in reps] for name, reps in raw.items()}
     every = [x for v in rates.values() for x in v]
@@ -133,6 +178,8 @@ def summarise(raw: dict[str, list[dict[str, float]]], length: int, max_spread: f
         "prefill_rate_spread": round(spread, 3),
         "valid": spread <= max_spread,
         "hit_vs_resident": {name: paired(name, "tier", "resident") for name in raw if name != "plain"},
+        "hit_vs_own_resident": {name: geo_interval([r["tier"] / r["resident_after"] for r in raw[name]])
+                                for name in raw if name != "plain"},
         "hit_vs_recompute": {name: paired(name, "tier", "miss") for name in raw if name != "plain"},
         "miss_overhead": {name: {"ttft": paired(name, "miss", "miss"), "decode_ttft": paired(name, "decode_ttft",
                                                                                              "decode_ttft"),
@@ -144,25 +191,28 @@ def summarise(raw: dict[str, list[dict[str, float]]], length: int, max_spread: f
 def report(summary: dict[str, Any], args: argparse.Namespace, load: tuple[float, float]) -> str:
     m = summary["medians_ms"]
     rates = [x for v in summary["prefill_tokens_per_s"].values() for x in v]
-    lines = [f"# Hit path: model {args.size}, {args.length} tokens ({(args.length - 1) // BLOCK * BLOCK} reusable), "
-             f"{args.reps} interleaved reps, {args.decode_tokens} decode tokens", "",
-             f"Command: `python benchmarks/bench_connector_ttft.py {' '.join(sys.argv[1:])}`; load average "
+    lines = [(f"# Hit path: model {args.size}, {args.length} tokens ({(args.length - 1) // BLOCK * BLOCK} reusable), "
+             f"{args.reps} interleaved reps, {args.decode_tokens} decode tokens"), "",
+             (f"Command: `python benchmarks/bench_connector_ttft.py {' '.join(sys.argv[1:])}`; load average "
              f"{load[0]:.2f} before, {load[1]:.2f} after; OMP threads bound to cores {cpu_list()}; allocator of "
-             f"every engine: {ALLOCATORS[args.allocator]}.", "",
-             f"Prefill rate (tokens/s, every engine and rep): {min(rates)}-{max(rates)}, spread "
-             f"{summary['prefill_rate_spread']:.2f}x: {'valid' if summary['valid'] else 'INVALID (machine disturbed)'}",
-             "", "| configuration | miss TTFT ms | resident hit ms | after reset ms | decode TTFT ms | ITL ms |",
-             "|---|---|---|---|---|---|"]
+             f"every engine: {ALLOCATORS[args.allocator]}."), "",
+             (f"Prefill rate (tokens/s, every engine and rep): {min(rates)}-{max(rates)}, spread "
+             f"{summary['prefill_rate_spread']:.2f}x: {'valid' if summary['valid'] else 'INVALID (machine disturbed)'}"),
+             "", ("| configuration | miss TTFT ms | resident hit ms | after reset ms | resident after ms | "
+                  "decode TTFT ms | ITL ms | kvtier's hooks ms per decode step |"), "|---|---|---|---|---|---|---|---|"]
     for name, med in m.items():
-        lines.append(f"| {name} | {med['miss']} | {med['resident']} | {med['tier']} | {med['decode_ttft']} | "
-                     f"{med['itl']} |")
+        hooks = f"{med['hooks_per_step']:.3f} ({med['hooks_per_step'] / med['itl']:.2%} of its ITL)" \
+            if "hooks_per_step" in med else "–"
+        lines.append(f"| {name} | {med['miss']} | {med['resident']} | {med['tier']} | {med['resident_after']} | "
+                     f"{med['decode_ttft']} | {med['itl']} | {hooks} |")
     lines += ["", "Ratios (geometric mean over reps, paired, 95% bootstrap interval):", "",
-              "| configuration | hit / vLLM resident hit | hit / recompute | miss TTFT | decode TTFT | ITL |",
-              "|---|---|---|---|---|---|"]
+              ("| configuration | hit / vLLM resident hit (plain) | hit / its engine's resident hit after | "
+               "hit / recompute | miss TTFT | decode TTFT | ITL |"),
+              "|---|---|---|---|---|---|---|"]
     for name in summary["hit_vs_resident"]:
         o = summary["miss_overhead"][name]
-        cells = [summary["hit_vs_resident"][name], summary["hit_vs_recompute"][name], o["ttft"], o["decode_ttft"],
-                 o["itl"]]
+        cells = [summary["hit_vs_resident"][name], summary["hit_vs_own_resident"][name],
+                 summary["hit_vs_recompute"][name], o["ttft"], o["decode_ttft"], o["itl"]]
         lines.append(f"| {name} | " + " | ".join(fmt_ratio(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
