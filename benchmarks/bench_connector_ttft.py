@@ -7,10 +7,12 @@ interleaved (every configuration's rep 1, then rep 2, ...; the order rotates) an
 runs: the others are stopped (SIGSTOP), so they take no CPU from it. Each rep of an engine, on prompts no engine
 saw before:
   miss      a 1-token generate of a fresh prompt: the full prefill (nothing holds it)
-  resident  the same again: vLLM's own prefix cache serves it
-  tier      after reset_prefix_cache (the engine stepped until it succeeds): only kvtier can serve it
-  resident after   the same again: vLLM's own cache now holds what kvtier loaded (the engine's own resident
-            hit, with no save of the miss running beside it, unlike ``resident`` in a kvtier engine)
+  resident  the same again after a 0.3 s pause: vLLM's own prefix cache serves it
+  tier      another 0.3 s pause, then reset_prefix_cache (the engine stepped until it succeeds): only kvtier can
+            serve it
+Both hits start after the same pause, so they find the processor's caches in the same state (the miss's saves
+have landed by then, so a kvtier engine's resident hit is vLLM's own with nothing beside it). Before, the
+resident hit ran right after the miss, whose KV was still in the L3 cache, and the tier hit after the pause.
   decode    another fresh prompt generating --decode-tokens tokens, one engine step at a time: TTFT and the
             median gap between tokens (ITL)
 Ratios are paired by rep (same prompts, same moment) and summarised as the geometric mean with a 95% bootstrap
@@ -145,11 +147,12 @@ def worker(spec: dict[str, Any]) -> None:
 
 def _rep(llm: Any, length: int, rep: int, decode: int, hooks: list[float] | None = None) -> dict[str, float]:
     reused = prompt(10_000 + rep, length)
-    out = {"miss": _generate(llm, reused, 1)[0], "resident": _generate(llm, reused, 1)[0]}
+    out = {"miss": _generate(llm, reused, 1)[0]}
     time.sleep(0.3)  # background saves land (a load would wait for them anyway)
+    out["resident"] = _generate(llm, reused, 1)[0]
+    time.sleep(0.3)  # the same pause before the tier hit
     _reset(llm)
     out["tier"] = _generate(llm, reused, 1)[0]
-    out["resident_after"] = _generate(llm, reused, 1)[0]  # now vLLM's own cache holds what the tier gave it
     spent: list[float] = []
     stamps = _generate(llm, prompt(20_000 + rep, length), decode, hooks, spent)
     out["decode_ttft"] = stamps[0]
@@ -178,7 +181,7 @@ def summarise(raw: dict[str, list[dict[str, float]]], length: int, max_spread: f
         "prefill_rate_spread": round(spread, 3),
         "valid": spread <= max_spread,
         "hit_vs_resident": {name: paired(name, "tier", "resident") for name in raw if name != "plain"},
-        "hit_vs_own_resident": {name: geo_interval([r["tier"] / r["resident_after"] for r in raw[name]])
+        "hit_vs_own_resident": {name: geo_interval([r["tier"] / r["resident"] for r in raw[name]])
                                 for name in raw if name != "plain"},
         "hit_vs_recompute": {name: paired(name, "tier", "miss") for name in raw if name != "plain"},
         "miss_overhead": {name: {"ttft": paired(name, "miss", "miss"), "decode_ttft": paired(name, "decode_ttft",
@@ -198,15 +201,15 @@ def report(summary: dict[str, Any], args: argparse.Namespace, load: tuple[float,
              f"every engine: {ALLOCATORS[args.allocator]}."), "",
              (f"Prefill rate (tokens/s, every engine and rep): {min(rates)}-{max(rates)}, spread "
              f"{summary['prefill_rate_spread']:.2f}x: {'valid' if summary['valid'] else 'INVALID (machine disturbed)'}"),
-             "", ("| configuration | miss TTFT ms | resident hit ms | after reset ms | resident after ms | "
-                  "decode TTFT ms | ITL ms | kvtier's hooks ms per decode step |"), "|---|---|---|---|---|---|---|---|"]
+             "", ("| configuration | miss TTFT ms | resident hit ms | after reset ms | decode TTFT ms | ITL ms | "
+                  "kvtier's hooks ms per decode step |"), "|---|---|---|---|---|---|---|"]
     for name, med in m.items():
         hooks = f"{med['hooks_per_step']:.3f} ({med['hooks_per_step'] / med['itl']:.2%} of its ITL)" \
             if "hooks_per_step" in med else "–"
-        lines.append(f"| {name} | {med['miss']} | {med['resident']} | {med['tier']} | {med['resident_after']} | "
-                     f"{med['decode_ttft']} | {med['itl']} | {hooks} |")
+        lines.append(f"| {name} | {med['miss']} | {med['resident']} | {med['tier']} | {med['decode_ttft']} | "
+                     f"{med['itl']} | {hooks} |")
     lines += ["", "Ratios (geometric mean over reps, paired, 95% bootstrap interval):", "",
-              ("| configuration | hit / vLLM resident hit (plain) | hit / its engine's resident hit after | "
+              ("| configuration | hit / vLLM resident hit (plain) | hit / its engine's resident hit | "
                "hit / recompute | miss TTFT | decode TTFT | ITL |"),
               "|---|---|---|---|---|---|---|"]
     for name in summary["hit_vs_resident"]:
