@@ -27,8 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from kvtier_bench.procs import (
+    ALLOCATORS,
     BLOCK,
     EngineProcess,
+    add_allocator_arg,
+    allocator_env,
     cpu_list,
     fmt_ratio,
     geo_interval,
@@ -146,19 +149,20 @@ def summarise(raw: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
 
 def report(summary: dict[str, Any], args: argparse.Namespace, load: tuple[float, float],
            kv: dict[str, int]) -> str:
-    lines = [f"# Reuse under concurrency: model {args.size}, {args.prefixes} prefixes of {args.prefix_tokens} tokens "
-             f"+ {args.suffix_tokens}-token suffixes, concurrency {args.concurrency}, {args.reps} interleaved passes",
+    lines = [(f"# Reuse under concurrency: model {args.size}, {args.prefixes} prefixes of {args.prefix_tokens} tokens "
+             f"+ {args.suffix_tokens}-token suffixes, concurrency {args.concurrency}, {args.reps} interleaved passes"),
              "",
-             f"Command: `python benchmarks/bench_concurrent_reuse.py {' '.join(sys.argv[1:])}`; load average "
-             f"{load[0]:.2f} before, {load[1]:.2f} after; OMP threads bound to cores {cpu_list()}.",
+             (f"Command: `python benchmarks/bench_concurrent_reuse.py {' '.join(sys.argv[1:])}`; load average "
+             f"{load[0]:.2f} before, {load[1]:.2f} after; OMP threads bound to cores {cpu_list()}; allocator of "
+             f"every engine: {ALLOCATORS[args.allocator]}."),
              f"vLLM KV space: {kv['small'] >> 20} MiB (reference: {kv['reference'] >> 20} MiB, holds every prefix); "
              f"kvtier-disk: DRAM {args.disk_dram} in front of an LZ4 disk tier (disk hits promoted while that pays, "
              "measured); kvtier-disk-always: the same, every disk hit promoted; kvtier-dram: DRAM holds every prefix"
              + ("; kvtier-disk-async: kvtier-disk loading between steps (`connector.async_load`)."
                 if "kvtier-disk-async" in summary else "."),
              "",
-             "| configuration | TTFT mean ms (median, range over passes) | TTFT p50 ms | pass wall s | "
-             "blocks loaded per pass | mean TTFT / reference | p50 TTFT / reference | wall / reference |",
+             ("| configuration | TTFT mean ms (median, range over passes) | TTFT p50 ms | pass wall s | "
+             "blocks loaded per pass | mean TTFT / reference | p50 TTFT / reference | wall / reference |"),
              "|---|---|---|---|---|---|---|---|"]
     for name, row in summary.items():
         means = row["ttft_mean_ms"]
@@ -169,8 +173,8 @@ def report(summary: dict[str, Any], args: argparse.Namespace, load: tuple[float,
                      f"{statistics.median(row['ttft_p50_ms']):.1f} | {statistics.median(row['wall_s']):.2f} | "
                      f"{loaded} | " + " | ".join(ratios) + " |")
     if "mean_vs_always" in summary.get("kvtier-disk", {}):
-        lines += ["", "Mean TTFT of kvtier-disk / kvtier-disk-always, paired by pass: "
-                  f"{fmt_ratio(summary['kvtier-disk']['mean_vs_always'])}."]
+        lines += ["", ("Mean TTFT of kvtier-disk / kvtier-disk-always, paired by pass: "
+                  f"{fmt_ratio(summary['kvtier-disk']['mean_vs_always'])}.")]
     return "\n".join(lines) + "\n"
 
 
@@ -188,6 +192,7 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--configs", default="reference,vllm,kvtier-disk,kvtier-disk-always,kvtier-dram",
                         help="also: kvtier-disk-async")
+    add_allocator_arg(parser)
     parser.add_argument("--out", default="benchmarks/results/concurrent_reuse.json")
     args = parser.parse_args()
     if args.worker:
@@ -221,7 +226,7 @@ def main() -> int:
     specs = {name: {**base, "kv_bytes": kv["reference" if name == "reference" else "small"],
                     **({"kvtier": kvtier[name]} if name in kvtier else {})} for name in names}
     load_before = os.getloadavg()[0]
-    engines = [EngineProcess(name, __file__, specs[name]) for name in names]
+    engines = [EngineProcess(name, __file__, specs[name], allocator_env(args.allocator)) for name in names]
     raw = run_interleaved(engines, args.reps, "pass",
                           lambda r: f"mean TTFT {statistics.fmean(r['ttft']) * 1000:.0f} ms")
     summary = summarise(raw)

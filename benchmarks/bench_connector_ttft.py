@@ -49,20 +49,17 @@ from pathlib import Path
 from typing import Any
 
 from kvtier_bench.procs import (
+    ALLOCATORS,
     BLOCK,
     EngineProcess,
+    add_allocator_arg,
+    allocator_env,
     cpu_list,
     fmt_ratio,
     geo_interval,
     prompt,
     run_interleaved,
 )
-
-from kvtier.config import ConnectorConfig
-from kvtier.hostmem import glibc_tunables
-
-ALLOCATORS = {"kvtier": "the settings kvtier's connector applies (GLIBC_TUNABLES), plain included",
-              "default": "glibc's defaults (kvtier's engines: the connector's settings)"}
 
 
 # ---- worker process: one engine, commands on stdin ---------------------------------------------------------
@@ -229,8 +226,7 @@ def main() -> int:
     parser.add_argument("--decode-tokens", type=int, default=128, help="tokens generated for the ITL")
     parser.add_argument("--configs", default="plain,dram,disk,disk-none")
     parser.add_argument("--max-rate-spread", type=float, default=1.5)
-    parser.add_argument("--allocator", choices=["kvtier", "default"], default="kvtier",
-                        help="glibc allocator settings of every engine (see the module's docstring)")
+    add_allocator_arg(parser)
     parser.add_argument("--out", default="benchmarks/results/ttft_base.json")
     args = parser.parse_args()
     if args.worker:
@@ -251,9 +247,7 @@ def main() -> int:
     if names[0] != "plain":
         raise SystemExit("--configs must start with plain (the baseline every ratio is paired with)")
     load_before = os.getloadavg()[0]
-    env = {"VLLM_CPU_KVCACHE_SPACE": "2"}
-    if args.allocator == "kvtier":
-        env["GLIBC_TUNABLES"] = glibc_tunables(int(ConnectorConfig().keep_freed_memory))
+    env = {"VLLM_CPU_KVCACHE_SPACE": "2", **allocator_env(args.allocator)}
     engines = [EngineProcess(n, __file__, {**base, **({"kvtier": {"tiers": tiers[n]}} if n != "plain" else {})},
                              env) for n in names]
     raw = run_interleaved(engines, args.reps, "rep", lambda r: f"hit {r['tier'] * 1000:.1f} ms")

@@ -3,11 +3,14 @@
 A benchmark script runs itself as ``script --worker SPEC`` (one vLLM engine per process, commands on stdin, one
 ``RESULT <json>`` line per command). ``EngineProcess`` keeps the engine stopped (SIGSTOP) except while it runs a
 command, so idle engines take no CPU from the one being measured; its OMP threads are bound to the cores this
-process may use.
+process may use. ``allocator_env`` gives every engine, plain vLLM included, the glibc allocator settings
+kvtier's worker applies to its own process (they speed up vLLM's own CPU work too, so a comparison without them
+credits the connector with the allocator's gain).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -21,6 +24,23 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 BLOCK = 128  # vLLM's block size in the micro-benchmarks
+ALLOCATORS = {"kvtier": "the settings kvtier's connector applies (GLIBC_TUNABLES), plain included",
+              "default": "glibc's defaults (kvtier's engines: the connector's settings)"}
+
+
+def add_allocator_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--allocator", choices=sorted(ALLOCATORS), default="kvtier",
+                        help="glibc allocator settings of every engine: kvtier's worker's (default) or glibc's")
+
+
+def allocator_env(choice: str) -> dict[str, str]:
+    """The environment that gives an engine process ``choice``'s allocator settings from its start."""
+    if choice == "default":
+        return {}
+    from kvtier.config import ConnectorConfig
+    from kvtier.hostmem import glibc_tunables
+
+    return {"GLIBC_TUNABLES": glibc_tunables(int(ConnectorConfig().keep_freed_memory))}
 
 
 def prompt(seed: int, length: int) -> list[int]:
