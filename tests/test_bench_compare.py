@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 
+import pytest
 from kvtier_bench.compare import (
     compare,
     kvtier_share,
@@ -77,3 +78,22 @@ def test_rounds_rotate_the_order_of_the_configurations() -> None:
     # Over as many rounds as configurations, each runs once in every position.
     assert all(sorted(o[position] for o in orders) == sorted(names) for position in range(3))
     assert round_order(names, 3) == names and round_order([], 5) == []
+
+
+def test_every_engine_gets_the_same_allocator_settings_unless_told_otherwise(monkeypatch) -> None:
+    """kvtier's worker sets glibc's allocator in its own process, which speeds up vLLM's work as well: the baselines
+    start with the same settings, so a comparison does not credit kvtier with them."""
+    from kvtier_bench.configs import RunConfig
+    from kvtier_bench.runner import driver_env
+    from kvtier_bench.settings import load_settings
+
+    from kvtier.errors import ConfigError
+
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.check=3")  # the caller's own value never leaks through
+    plain = RunConfig("reference", "vLLM, large KV space")
+    matched = driver_env(plain, None, False, load_settings("chat").allocator)
+    assert matched["GLIBC_TUNABLES"].startswith("glibc.malloc.mmap_threshold=33554432:")
+    assert "GLIBC_TUNABLES" not in driver_env(plain, None, False, "default")
+    assert load_settings("quick", overrides={"allocator": "default"}).allocator == "default"
+    with pytest.raises(ConfigError, match="allocator: expected one of default, kvtier, got 'jemalloc'"):
+        load_settings("chat", overrides={"allocator": "jemalloc"})

@@ -120,7 +120,7 @@ def start_engines(configs: list[RunConfig], settings: BenchSettings, specs: dict
     while waiting or starting:
         while waiting and len(starting) < settings.parallel_starts:
             cfg = waiting.pop(0)
-            drv = runner.launch(cfg, specs[cfg.name], run_dir, settings.engine.multiprocessing)
+            drv = runner.launch(cfg, specs[cfg.name], run_dir, settings.engine.multiprocessing, settings.allocator)
             starting.append(drv)
             drivers.append(drv)
         for drv in starting:

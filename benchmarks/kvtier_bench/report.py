@@ -7,6 +7,7 @@ from typing import Any
 
 from kvtier_bench.compare import markdown as compare_markdown
 from kvtier_bench.compare import spread, spread_rate, users_rate, wall_rate
+from kvtier_bench.procs import ALLOCATORS
 
 TIER_COLORS = {"vllm": "#4c72b0", "dram": "#55a868", "disk": "#dd8452", "s3": "#8172b3", "recomputed": "#cccccc"}
 
@@ -49,7 +50,8 @@ def markdown(report: dict[str, Any]) -> str:
          f"{s['rounds']} timed round(s) per configuration, round-robin across configurations.  "),
         (f"vLLM KV space {_mib(s['engine']['kv_cache_bytes'])} MiB (reference: "
          f"{_mib(s['engine']['reference_kv_cache_bytes'])} MiB), block size {s['engine']['block_size']}; "
-         f"machine: {report['machine']}; kvtier at {report.get('git', 'unknown')}.  "),
+         f"machine: {report['machine']}; allocator of every engine: "
+         f"{ALLOCATORS[s.get('allocator', 'default')]}; kvtier at {report.get('git', 'unknown')}.  "),
         _working_set(report),
         "",
         ("| config | TTFT p50 ms per round: median (min–max) | TTFT p50 / p90 / p99 ms (all rounds) "

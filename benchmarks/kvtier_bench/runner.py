@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from kvtier_bench.configs import RunConfig
+from kvtier_bench.procs import allocator_env
 
 
 def cpu_list() -> str:
@@ -38,12 +39,15 @@ def cpu_list() -> str:
     return ",".join(ranges)
 
 
-def driver_env(cfg: RunConfig, stats_file: Path | None, multiprocessing: bool) -> dict[str, str]:
+def driver_env(cfg: RunConfig, stats_file: Path | None, multiprocessing: bool,
+               allocator: str = "kvtier") -> dict[str, str]:
     # The user's KVTIER_* overrides would silently change the compared layouts: drop them.
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("KVTIER_") or k in ("KVTIER_HOME", "KVTIER_LOG_LEVEL")}
     env.update(VLLM_CPU_OMP_THREADS_BIND=cpu_list(), VLLM_ENABLE_V1_MULTIPROCESSING="1" if multiprocessing else "0",
                PYTHONHASHSEED="0", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    env.pop("GLIBC_TUNABLES", None)
+    env.update(allocator_env(allocator))  # every engine alike: kvtier's worker would set them in its own only
     if stats_file is not None:
         env["KVTIER_STATS_FILE"] = str(stats_file)
     env.update(cfg.env)
@@ -90,13 +94,14 @@ class Driver:
             pass  # it died: finish() reports why
 
 
-def launch(cfg: RunConfig, spec: dict[str, Any], run_dir: Path, multiprocessing: bool) -> Driver:
+def launch(cfg: RunConfig, spec: dict[str, Any], run_dir: Path, multiprocessing: bool,
+           allocator: str = "kvtier") -> Driver:
     cdir = run_dir / cfg.name
     cdir.mkdir(parents=True, exist_ok=True)
     for stale in ("result.json", "stats.json"):
         (cdir / stale).unlink(missing_ok=True)
     (cdir / "spec.json").write_text(json.dumps(spec))
-    env = driver_env(cfg, cdir / "stats.json" if cfg.uses_kvtier else None, multiprocessing)
+    env = driver_env(cfg, cdir / "stats.json" if cfg.uses_kvtier else None, multiprocessing, allocator)
     with open(cdir / "engine.log", "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "kvtier_bench.driver", str(cdir / "spec.json"),
                                  str(cdir / "result.json")], stdin=subprocess.PIPE, stdout=subprocess.PIPE,

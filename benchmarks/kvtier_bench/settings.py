@@ -34,6 +34,7 @@ name), ``long`` (one history past 32k tokens), ``large``. A settings file looks 
     rounds: 1                    # timed rounds per configuration, interleaved across configurations
     parallel_starts: 2           # engines starting at the same time (all stay up until the end)
     pause_idle: true             # SIGSTOP the other engines while one runs its round or correctness pass
+    allocator: kvtier            # every engine on the glibc settings kvtier's worker applies (default: glibc's)
     timeout_s: 900               # per engine start, per round and for the correctness pass
 """
 
@@ -48,6 +49,7 @@ import yaml
 
 from kvtier.errors import ConfigError
 from kvtier.units import parse_size
+from kvtier_bench.procs import ALLOCATORS
 
 ALL_CONFIGS = ("vllm-no-prefix", "vllm-prefix", "kvtier-dram", "kvtier-dram-disk", "kvtier-dram-disk-s3",
                "vllm-offloading", "lmcache")
@@ -75,6 +77,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "rounds": 3,
         "parallel_starts": 2,
         "pause_idle": True,
+        "allocator": "kvtier",
         "timeout_s": 900,
     },
     # A smoke test in a couple of minutes: the tiny model, short histories (kvtier's gains are small here).
@@ -91,6 +94,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "rounds": 1,
         "parallel_starts": 2,
         "pause_idle": True,
+        "allocator": "kvtier",
         "timeout_s": 900,
     },
     # Long context: two conversations over a ~29k-token document; one history passes 32k tokens by its last
@@ -108,6 +112,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "rounds": 3,
         "parallel_starts": 2,
         "pause_idle": True,
+        "allocator": "kvtier",
         "timeout_s": 3600,
     },
     "large": {
@@ -123,6 +128,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "rounds": 3,
         "parallel_starts": 2,
         "pause_idle": True,
+        "allocator": "kvtier",
         "timeout_s": 3600,
     },
 }
@@ -174,6 +180,7 @@ class BenchSettings:
     parallel_starts: int
     timeout_s: float
     pause_idle: bool = True  # stop the other engines while one is measured
+    allocator: str = "kvtier"  # kvtier_bench.procs.ALLOCATORS: every engine's glibc allocator settings
 
     def to_dict(self) -> dict[str, Any]:
         from dataclasses import asdict
@@ -244,9 +251,11 @@ def _build(preset: str, d: dict[str, Any]) -> BenchSettings:
     for p in policies:
         if p not in POLICIES:
             raise ConfigError(f"policies: unknown policy {p!r} (expected some of: {', '.join(POLICIES)})")
+    if d["allocator"] not in ALLOCATORS:
+        raise ConfigError(f"allocator: expected one of {', '.join(sorted(ALLOCATORS))}, got {d['allocator']!r}")
     return BenchSettings(preset, str(d["model"]), workload, engine, tiers, configs, policies,
                          _int(d["rounds"], "rounds", 1), _int(d["parallel_starts"], "parallel_starts", 1),
-                         _float(d["timeout_s"], "timeout_s"), bool(d["pause_idle"]))
+                         _float(d["timeout_s"], "timeout_s"), bool(d["pause_idle"]), str(d["allocator"]))
 
 
 def _int(value: Any, path: str, minimum: int) -> int:
