@@ -20,6 +20,7 @@ log = logging.getLogger("kvtier.worker")
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD_MAX = 32 << 20  # glibc refuses larger values on 64-bit
+TRIM_MAX = 2**31 - 1  # mallopt takes an int
 
 
 def keep_freed_memory(trim_bytes: int) -> bool:
@@ -32,7 +33,7 @@ def keep_freed_memory(trim_bytes: int) -> bool:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
-    trim = min(trim_bytes, 2**31 - 1)
+    trim = min(trim_bytes, TRIM_MAX)
     ok = mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX) == 1 and mallopt(M_TRIM_THRESHOLD, trim) == 1
     if not ok:
         log.info("kvtier: the C library refused the allocator settings; host buffers are page-faulted as usual")
@@ -43,5 +44,4 @@ def glibc_tunables(trim_bytes: int) -> str:
     """The ``GLIBC_TUNABLES`` value that gives a process, from its start, the settings ``keep_freed_memory``
     applies (benchmarks run plain vLLM with it, so a comparison measures kvtier's connector, not the allocator)."""
     return (f"glibc.malloc.mmap_threshold={MMAP_THRESHOLD_MAX}:"
-            f"glibc.malloc.trim_threshold={min(trim_bytes, 2**31 - 1)}")
-
+            f"glibc.malloc.trim_threshold={min(trim_bytes, TRIM_MAX)}")
