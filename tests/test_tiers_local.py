@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import logging
+import mmap
 import os
+import resource
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from tier_contract import CAPACITY, TierContract, make_key, make_record
@@ -16,6 +20,7 @@ from tier_contract import CAPACITY, TierContract, make_key, make_record
 from kvtier.codecs import BlockCodec
 from kvtier.config import CodecConfig
 from kvtier.errors import CorruptBlockError, TierError, TierFullError
+from kvtier.hostmem import populate
 from kvtier.policies.lru import LRUPolicy
 from kvtier.tiers.disk import STALE_TMP_S, DiskOptions, DiskTier
 from kvtier.tiers.dram import DramOptions, DramTier
@@ -309,6 +314,49 @@ def test_dram_pinning_choice() -> None:
     else:
         with pytest.raises(TierError, match="pin"):
             dram(pin="always")
+
+
+def _minor_faults_writing(tier: DramTier, records: dict[bytes, bytes]) -> int:
+    before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+    for key, record in records.items():
+        tier.put(key, record)
+    return resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before
+
+
+def test_dram_pool_is_faulted_in_ahead_of_the_first_writes() -> None:
+    records = {make_key(f"f{i}"): make_record(make_key(f"f{i}"), 15 * PAGE) for i in range(60)}  # ~14 MiB
+    pages = sum(map(len, records.values())) // mmap.PAGESIZE
+    cold = DramTier("dram", 64 << 20, BlockCodec(CodecConfig()), LRUPolicy(), DramOptions("never", PAGE, False))
+    assert cold._prefaulter is None
+    faults = _minor_faults_writing(cold, records)
+    if "[always]" not in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text():
+        assert faults > pages // 2  # a fault per page written (fewer only with huge pages)
+    warm = DramTier("dram", 64 << 20, BlockCodec(CodecConfig()), LRUPolicy(), DramOptions("never", PAGE))
+    assert warm._prefaulter is not None
+    warm._prefaulter.join(timeout=30)
+    assert _minor_faults_writing(warm, records) < 500
+    assert all(warm.get(key) == record for key, record in records.items())
+    warm.close()
+    cold.close()
+
+
+def test_populate_keeps_contents_and_refuses_what_it_cannot_do() -> None:
+    data = np.arange(1 << 20, dtype=np.uint32)
+    expect = data.copy()
+    assert populate(data.ctypes.data, data.nbytes)
+    assert np.array_equal(data, expect)
+    assert not populate(0, 1 << 16)  # not mapped
+    stop = threading.Event()
+    stop.set()
+    assert not populate(data.ctypes.data, data.nbytes, stop=stop)
+
+
+def test_dram_close_stops_the_prefault_promptly() -> None:
+    tier = DramTier("dram", 4 << 30, BlockCodec(CodecConfig()), LRUPolicy(), DramOptions("never", 1 << 20))
+    thread = tier._prefaulter
+    start = time.monotonic()
+    tier.close()
+    assert thread is not None and not thread.is_alive() and time.monotonic() - start < 2
 
 
 def test_dram_rejects_capacity_below_one_page() -> None:

@@ -11,13 +11,14 @@ engine's own threads.
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
+
+from kvtier.hostmem import lower_thread_priority
 
 _STOP = object()
 log = logging.getLogger(__name__)
@@ -80,9 +81,8 @@ class SaveQueue:
 
     def _run(self) -> None:
         if self.nice:
-            try:  # a thread is a task on Linux: this lowers this thread only
-                tid = threading.get_native_id()
-                os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + self.nice)
+            try:
+                lower_thread_priority(self.nice)
             except (AttributeError, OSError) as exc:
                 log.warning("kvtier: cannot lower the save threads' priority (connector.save_nice): %s", exc)
         while True:

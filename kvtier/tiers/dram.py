@@ -9,11 +9,17 @@ Accounting: ``capacity`` is ``num_pages * page_size`` and every record counts as
 and a write always finds its pages free. ``record_bytes`` gives the exact bytes held. Note that a record is a
 56-byte header plus the payload, so a raw block of exactly k pages takes k + 1 pages: choose ``page_size``
 well below the block size to keep that waste small.
+
+Page faults: a pinned pool is faulted in when it is allocated; an ordinary one (the CPU build) is faulted in by a
+background thread at the lowest priority (``prefault``, madvise MADV_POPULATE_WRITE, which never changes what a
+page holds), so the first saves into each page cost a copy, not a fault per 4 KiB (a 24 MiB save into fresh
+pages: ~16 ms instead of ~2 ms). The pool's memory is then committed from the start, as a pinned pool's is.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 from typing import Literal
 
@@ -21,6 +27,7 @@ import torch
 
 from kvtier.codecs import BlockCodec
 from kvtier.errors import ConfigError, TierError
+from kvtier.hostmem import lower_thread_priority, populate
 from kvtier.keys import BlockKey
 from kvtier.policies.base import EvictionPolicy
 from kvtier.tiers.base import Tier
@@ -37,6 +44,7 @@ MAX_PAGES = 1 << 26  # the free list holds one entry per page
 class DramOptions:
     pin_memory: Literal["auto", "always", "never"] = "auto"
     page_size: Size = Size(64 * 1024)
+    prefault: bool = True
 
     def __post_init__(self) -> None:
         if self.page_size < MIN_PAGE_SIZE:
@@ -97,9 +105,23 @@ class DramTier(Tier):
                             f"{'pinned ' if self.pinned else ''}host memory (pin_memory={options.pin_memory!r}; "
                             f"'auto' pins only where CUDA is available): {exc}") from exc
         self._mem = self._pool.numpy().data.cast("B")
+        self._stop_prefault = threading.Event()
+        self._prefaulter: threading.Thread | None = None
+        if options.prefault and not self.pinned:  # a pinned pool is faulted in already
+            self._prefaulter = threading.Thread(target=self._prefault, args=(self._pool.data_ptr(),),
+                                                name=f"kvtier-prefault-{name}", daemon=True)
+            self._prefaulter.start()
         self._free: list[int] = list(range(num_pages - 1, -1, -1))  # pop() hands out page 0 first
         self._pages: dict[BlockKey, tuple[list[int], int]] = {}  # key -> (pages, exact length)
         self._record_bytes = 0
+
+    def _prefault(self, address: int) -> None:
+        try:
+            lower_thread_priority(19)  # only idle CPU: the engine's threads always go first
+        except (AttributeError, OSError):
+            pass
+        if populate(address, self.capacity, stop=self._stop_prefault):
+            log.debug("kvtier: tier %s: %d bytes of pool faulted in", self.name, self.capacity)
 
     # ---- accounting -------------------------------------------------------------------------------------
     def _footprint(self, size: int) -> int:
@@ -186,6 +208,9 @@ class DramTier(Tier):
             raise TierError(f"tier {self.name}: used after close()")
 
     def close(self) -> None:
+        self._stop_prefault.set()
+        if self._prefaulter is not None:
+            self._prefaulter.join()  # at most one chunk (64 MiB) still being faulted in
         with self._lock:
             self._pages.clear()
             self._sizes.clear()
