@@ -23,9 +23,17 @@ process-wide and also speeds up vLLM's own CPU work (a 2k-token miss ~5-12% fast
 kvtier`` (the default) every engine, plain included, starts with the same settings (GLIBC_TUNABLES), so the
 ratios measure the connector; ``--allocator default`` leaves plain vLLM's allocator as shipped.
 
-The connector's own cost on a decode step is also timed directly: every method of kvtier's connector that vLLM
-calls is wrapped with a timer in the (in-process) engine, and "hooks per decode step" is their total time over
-the decode steps of the ``decode`` generate, divided by the steps.
+kvtier's own cost is also measured directly, inside each kvtier engine (in-process): every method of kvtier's
+connector that vLLM calls is wrapped with a timer (the time it adds to the engine's steps), and the CPU time of
+kvtier's own threads (named kvtier-*; from /proc/self/task/<tid>/schedstat) is read around each phase:
+  miss      hooks during the miss + kvtier's threads from the miss to the end of the pause after it (the miss's
+            saves run there), as a share of the miss TTFT
+  decode    hooks and kvtier's threads over the decode steps of the ``decode`` generate, per step (the prefill's
+            saves run beside those steps)
+On two cores both OMP threads compute, so a kvtier thread's CPU time is at most the wall time it takes from the
+engine: hooks + threads is an upper bound of what kvtier adds, free of the few-percent offsets between engine
+processes that the cross-process ratios carry (``--configs plain,plain-b,...`` measures those: a second plain
+engine paired with the first).
 
 Guard: the prefill rate (prompt tokens / miss TTFT) of every engine and rep is recorded. A run whose rates
 spread by more than ``--max-rate-spread`` (e.g. one engine's threads oversubscribed, or a busy machine) is
@@ -44,6 +52,7 @@ import os
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -64,9 +73,10 @@ from kvtier_bench.procs import (
 
 # ---- worker process: one engine, commands on stdin ---------------------------------------------------------
 def _generate(llm: Any, tokens: list[int], max_tokens: int, hooks: list[float] | None = None,
-              hook_stamps: list[float] | None = None) -> list[float]:
+              hook_stamps: list[float] | None = None, decode_cpu: list[float] | None = None) -> list[float]:
     """Seconds from submission to each generated token, driving the engine one step at a time; with ``hooks``
-    (``_time_hooks``) the connector's seconds so far at each token go to ``hook_stamps``."""
+    (``_time_hooks``) the connector's seconds so far at each token go to ``hook_stamps``; ``decode_cpu`` gets the
+    CPU seconds kvtier's threads used from the first token to the last."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -75,6 +85,7 @@ def _generate(llm: Any, tokens: list[int], max_tokens: int, hooks: list[float] |
     engine.add_request(f"r-{start}", TokensPrompt(prompt_token_ids=tokens),
                        SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
     stamps: list[float] = []
+    first_cpu: dict[int, int] | None = None
     while engine.has_unfinished_requests():
         for out in engine.step():
             now = time.perf_counter() - start
@@ -82,6 +93,10 @@ def _generate(llm: Any, tokens: list[int], max_tokens: int, hooks: list[float] |
             stamps += [now] * new
             if hooks is not None and hook_stamps is not None:
                 hook_stamps += [hooks[0]] * new
+            if decode_cpu is not None and first_cpu is None and stamps:
+                first_cpu = _kvtier_cpu()  # once, so the loop's steps are not slowed by reading /proc
+    if decode_cpu is not None and first_cpu is not None:
+        decode_cpu.append(_cpu_since(first_cpu))
     return stamps
 
 
@@ -142,27 +157,54 @@ def worker(spec: dict[str, Any]) -> None:
         print("RESULT " + json.dumps(_rep(llm, spec["length"], int(line), spec["decode"], hooks)), flush=True)
 
 
+def _kvtier_cpu() -> dict[int, int]:
+    """CPU nanoseconds so far of each of kvtier's threads (named kvtier-*), by thread id."""
+    out: dict[int, int] = {}
+    for thread in threading.enumerate():
+        if thread.name.startswith("kvtier") and thread.native_id is not None:
+            try:
+                out[thread.native_id] = int(Path(f"/proc/self/task/{thread.native_id}/schedstat").read_text().split()[0])
+            except (OSError, ValueError, IndexError):  # the thread just ended, or no schedstat
+                pass
+    return out
+
+
+def _cpu_since(before: dict[int, int]) -> float:
+    """Seconds of CPU kvtier's threads used since ``before`` (threads started since count from zero)."""
+    return sum(ns - before.get(tid, 0) for tid, ns in _kvtier_cpu().items()) / 1e9
+
+
 def _rep(llm: Any, length: int, rep: int, decode: int, hooks: list[float] | None = None) -> dict[str, float]:
     reused = prompt(10_000 + rep, length)
+    threads, hooks_before = _kvtier_cpu(), hooks[0] if hooks is not None else 0.0
     out = {"miss": _generate(llm, reused, 1)[0]}
+    if hooks is not None:
+        out["hooks_miss"] = hooks[0] - hooks_before
     time.sleep(0.3)  # background saves land (a load would wait for them anyway)
+    if hooks is not None:
+        out["threads_miss"] = _cpu_since(threads)
     out["resident"] = _generate(llm, reused, 1)[0]
     time.sleep(0.3)  # the same pause before the tier hit
     _reset(llm)
     out["tier"] = _generate(llm, reused, 1)[0]
     spent: list[float] = []
-    stamps = _generate(llm, prompt(20_000 + rep, length), decode, hooks, spent)
+    cpu: list[float] = []
+    stamps = _generate(llm, prompt(20_000 + rep, length), decode, hooks, spent, cpu if hooks is not None else None)
     out["decode_ttft"] = stamps[0]
     out["itl"] = statistics.median(b - a for a, b in itertools.pairwise(stamps))
-    if hooks is not None:  # the connector's time per decode step (the steps after the first token)
+    if hooks is not None:  # kvtier's time per decode step (the steps after the first token)
         out["hooks_per_step"] = (spent[-1] - spent[0]) / (len(spent) - 1)
+        out["threads_per_step"] = cpu[0] / (len(stamps) - 1)
     _reset(llm)
     return out
 
 
 # ---- parent ------------------------------------------------------------------------------------------------
 def summarise(raw: dict[str, list[dict[str, float]]], length: int, max_spread: float) -> dict[str, Any]:
+    """Ratios paired with ``plain``'s reps. kvtier's engines are those whose reps carry its own timings; any
+    other (a second plain engine) is a control: only its miss, decode and ITL ratios are reported."""
     plain = raw["plain"]
+    kvtier = [name for name, reps in raw.items() if "hooks_miss" in reps[0]]
 
     def paired(name: str, metric: str, base: str) -> dict[str, Any]:
         return geo_interval([r[metric] / p[base] for r, p in zip(raw[name], plain)])
@@ -172,20 +214,23 @@ def summarise(raw: dict[str, list[dict[str, float]]], length: int, max_spread: f
     rates = {name: [round(length / r["miss"]) for r in reps] for name, reps in raw.items()}
     every = [x for v in rates.values() for x in v]
     spread = max(every) / min(every)
-    out: dict[str, Any] = {
+    return {
         "medians_ms": medians,
         "prefill_tokens_per_s": rates,
         "prefill_rate_spread": round(spread, 3),
         "valid": spread <= max_spread,
-        "hit_vs_resident": {name: paired(name, "tier", "resident") for name in raw if name != "plain"},
-        "hit_vs_own_resident": {name: geo_interval([r["tier"] / r["resident"] for r in raw[name]])
-                                for name in raw if name != "plain"},
-        "hit_vs_recompute": {name: paired(name, "tier", "miss") for name in raw if name != "plain"},
+        "hit_vs_resident": {name: paired(name, "tier", "resident") for name in kvtier},
+        "hit_vs_own_resident": {name: geo_interval([r["tier"] / r["resident"] for r in raw[name]]) for name in kvtier},
+        "hit_vs_recompute": {name: paired(name, "tier", "miss") for name in kvtier},
         "miss_overhead": {name: {"ttft": paired(name, "miss", "miss"), "decode_ttft": paired(name, "decode_ttft",
                                                                                              "decode_ttft"),
                                  "itl": paired(name, "itl", "itl")} for name in raw if name != "plain"},
+        # kvtier's own time (hooks + its threads' CPU) over the time it was spent in: 1.01 = at most 1% added
+        "own_time": {name: {"miss": geo_interval([1 + (r["hooks_miss"] + r["threads_miss"]) / r["miss"]
+                                                  for r in raw[name]]),
+                            "step": geo_interval([1 + (r["hooks_per_step"] + r["threads_per_step"]) / r["itl"]
+                                                  for r in raw[name]])} for name in kvtier},
     }
-    return out
 
 
 def report(summary: dict[str, Any], args: argparse.Namespace, load: tuple[float, float]) -> str:
@@ -199,21 +244,27 @@ def report(summary: dict[str, Any], args: argparse.Namespace, load: tuple[float,
              (f"Prefill rate (tokens/s, every engine and rep): {min(rates)}-{max(rates)}, spread "
              f"{summary['prefill_rate_spread']:.2f}x: {'valid' if summary['valid'] else 'INVALID (machine disturbed)'}"),
              "", ("| configuration | miss TTFT ms | resident hit ms | after reset ms | decode TTFT ms | ITL ms | "
-                  "kvtier's hooks ms per decode step |"), "|---|---|---|---|---|---|---|"]
+                  "kvtier per miss: hooks + threads ms | kvtier per decode step: hooks + threads ms |"),
+             "|---|---|---|---|---|---|---|---|"]
     for name, med in m.items():
-        hooks = f"{med['hooks_per_step']:.3f} ({med['hooks_per_step'] / med['itl']:.2%} of its ITL)" \
-            if "hooks_per_step" in med else "–"
+        own = [f"{med['hooks_miss']:.2f} + {med['threads_miss']:.2f}",
+               f"{med['hooks_per_step']:.3f} + {med['threads_per_step']:.3f}"] if "hooks_miss" in med else ["–", "–"]
         lines.append(f"| {name} | {med['miss']} | {med['resident']} | {med['tier']} | {med['decode_ttft']} | "
-                     f"{med['itl']} | {hooks} |")
+                     f"{med['itl']} | " + " | ".join(own) + " |")
     lines += ["", "Ratios (geometric mean over reps, paired, 95% bootstrap interval):", "",
               ("| configuration | hit / vLLM resident hit (plain) | hit / its engine's resident hit | "
-               "hit / recompute | miss TTFT | decode TTFT | ITL |"),
-              "|---|---|---|---|---|---|---|"]
-    for name in summary["hit_vs_resident"]:
-        o = summary["miss_overhead"][name]
-        cells = [summary["hit_vs_resident"][name], summary["hit_vs_own_resident"][name],
-                 summary["hit_vs_recompute"][name], o["ttft"], o["decode_ttft"], o["itl"]]
-        lines.append(f"| {name} | " + " | ".join(fmt_ratio(c) for c in cells) + " |")
+               "hit / recompute | miss TTFT | decode TTFT | ITL | (miss + kvtier's time) / miss | "
+               "(step + kvtier's time) / step |"),
+              "|---|---|---|---|---|---|---|---|---|"]
+    for name, o in summary["miss_overhead"].items():
+        mine = [summary[key].get(name) for key in ("hit_vs_resident", "hit_vs_own_resident", "hit_vs_recompute")]
+        own = summary["own_time"].get(name)
+        cells = mine + [o["ttft"], o["decode_ttft"], o["itl"]] + ([own["miss"], own["step"]] if own else [None, None])
+        lines.append(f"| {name} | " + " | ".join("–" if c is None else fmt_ratio(c) for c in cells) + " |")
+    lines += ["", ("kvtier's time: its connector hooks (in the engine's steps) plus its threads' CPU (at most the "
+                   "wall time they take from the engine on these two cores), measured inside the engine; the "
+                   "cross-process columns also carry the offsets between engine processes (a control row, a second "
+                   "plain engine, shows their size).")]
     return "\n".join(lines) + "\n"
 
 
@@ -224,7 +275,8 @@ def main() -> int:
     parser.add_argument("--length", type=int, default=2048 + 1)
     parser.add_argument("--reps", type=int, default=8)
     parser.add_argument("--decode-tokens", type=int, default=128, help="tokens generated for the ITL")
-    parser.add_argument("--configs", default="plain,dram,disk,disk-none")
+    parser.add_argument("--configs", default="plain,dram,disk,disk-none",
+                        help="plain first; plain-b: a second plain engine (a control for the cross-process ratios)")
     parser.add_argument("--max-rate-spread", type=float, default=1.5)
     add_allocator_arg(parser)
     parser.add_argument("--out", default="benchmarks/results/ttft_base.json")
@@ -248,8 +300,11 @@ def main() -> int:
         raise SystemExit("--configs must start with plain (the baseline every ratio is paired with)")
     load_before = os.getloadavg()[0]
     env = {"VLLM_CPU_KVCACHE_SPACE": "2", **allocator_env(args.allocator)}
-    engines = [EngineProcess(n, __file__, {**base, **({"kvtier": {"tiers": tiers[n]}} if n != "plain" else {})},
-                             env) for n in names]
+    unknown = [n for n in names[1:] if n not in tiers and n != "plain-b"]
+    if unknown:
+        raise SystemExit(f"--configs: unknown {unknown} (expected plain, plain-b or one of {sorted(tiers)})")
+    engines = [EngineProcess(n, __file__, {**base, **({"kvtier": {"tiers": tiers[n]}} if n in tiers else {})}, env)
+               for n in names]
     raw = run_interleaved(engines, args.reps, "rep", lambda r: f"hit {r['tier'] * 1000:.1f} ms")
     summary = summarise(raw, args.length, args.max_rate_spread)
     text = report(summary, args, (load_before, os.getloadavg()[0]))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+import threading
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -14,27 +16,63 @@ import bench_connector_ttft as bench
 def _rep(scale: float, hooks: float | None = None) -> dict[str, float]:
     rep = {"miss": 1.5 * scale, "resident": 0.02 * (0.8 if hooks else 1), "tier": 0.02 * scale,
            "decode_ttft": 1.5 * scale, "itl": 0.015 * scale}
-    if hooks is not None:
-        rep["hooks_per_step"] = hooks
+    if hooks is not None:  # kvtier's own time: hooks and threads in a miss and per decode step
+        rep.update(hooks_miss=0.003, threads_miss=0.012, hooks_per_step=hooks, threads_per_step=0.00005)
     return rep
 
 
-def test_the_report_pairs_reps_and_shows_the_connectors_time_per_decode_step() -> None:
+def test_the_report_pairs_reps_and_shows_kvtiers_own_time() -> None:
     raw = {"plain": [_rep(1.0), _rep(1.0), _rep(1.0)],
            "dram": [_rep(1.2, 0.00015), _rep(1.2, 0.00005), _rep(1.2, 0.0001)]}
     summary = bench.summarise(raw, 2049, max_spread=1.5)
     assert summary["valid"]
     assert summary["hit_vs_resident"]["dram"]["ratio"] == 1.2
     assert summary["medians_ms"]["dram"]["hooks_per_step"] == 0.1
+    # (1.8 s + 3 ms + 12 ms) / 1.8 s; (18 ms + 0.1 ms + 0.05 ms) / 18 ms on the median rep
+    assert summary["own_time"]["dram"]["miss"]["ratio"] == round(1 + 0.015 / 1.8, 4)
+    assert summary["own_time"]["dram"]["step"]["ci95"][1] == round(1 + 0.0002 / 0.018, 4)
     args = argparse.Namespace(size="base", length=2049, reps=3, decode_tokens=128, allocator="kvtier")
     text = bench.report(summary, args, (0.5, 0.6))
     assert summary["hit_vs_own_resident"]["dram"]["ratio"] == 1.5
-    assert "| dram | 1800.0 | 16.0 | 24.0 | 1800.0 | 18.0 | 0.100 (0.56% of its ITL) |" in text
-    assert "| plain | 1500.0 | 20.0 | 20.0 | 1500.0 | 15.0 | – |" in text
+    assert "| dram | 1800.0 | 16.0 | 24.0 | 1800.0 | 18.0 | 3.00 + 12.00 | 0.100 + 0.050 |" in text
+    assert "| plain | 1500.0 | 20.0 | 20.0 | 1500.0 | 15.0 | – | – |" in text
     assert "| dram | 1.200x [1.200, 1.200] | 1.500x [1.500, 1.500] |" in text
     assert "plain included" in text
+
+
+def test_a_second_plain_engine_is_a_control_with_only_its_cross_process_ratios() -> None:
+    raw = {"plain": [_rep(1.0), _rep(1.0)], "plain-b": [_rep(1.02), _rep(1.02)],
+           "dram": [_rep(1.2, 0.0001), _rep(1.2, 0.0001)]}
+    summary = bench.summarise(raw, 2049, max_spread=1.5)
+    assert "plain-b" not in summary["hit_vs_resident"] and "plain-b" not in summary["own_time"]
+    assert summary["miss_overhead"]["plain-b"]["ttft"]["ratio"] == 1.02
+    args = argparse.Namespace(size="base", length=2049, reps=2, decode_tokens=128, allocator="kvtier")
+    assert "| plain-b | – | – | – | 1.020x [1.020, 1.020] | 1.020x [1.020, 1.020] | 1.020x [1.020, 1.020] | – | – |" \
+        in bench.report(summary, args, (0.5, 0.6))
 
 
 def test_a_run_whose_prefill_rates_spread_is_invalid() -> None:
     raw = {"plain": [_rep(1.0), _rep(1.0)], "dram": [_rep(1.6, 0.0001), _rep(1.0, 0.0001)]}
     assert not bench.summarise(raw, 2049, max_spread=1.5)["valid"]
+
+
+def test_kvtiers_thread_cpu_counts_only_threads_named_kvtier() -> None:
+    done = threading.Event()
+
+    def burn(seconds: float) -> None:
+        end = time.thread_time() + seconds
+        while time.thread_time() < end:
+            pass
+        done.wait()  # alive while measured
+
+    before = bench._kvtier_cpu()
+    threads = [threading.Thread(target=burn, args=(0.3,), name="engine-side"),
+               threading.Thread(target=burn, args=(0.1,), name="kvtier-test")]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.8)
+    spent = bench._cpu_since(before)
+    done.set()
+    for thread in threads:
+        thread.join()
+    assert 0.09 <= spent <= 0.2
