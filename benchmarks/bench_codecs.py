@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -124,10 +125,13 @@ def capture_vllm(model_dir: str, ids: list[int], block_size: int, chunk: int) ->
     llm.generate(prompts, SamplingParams(max_tokens=1))
     llm.llm_engine.engine_core.shutdown()  # the connector finishes its saves
     del llm
-    tier = make_tier(KVTierConfig.from_dict(extra).tiers[0])  # the disk tier reads its own files back
-    tier.load_existing()
-    blocks = [tier.codec.decode(key, tier.get(key)) for key in sorted(tier.keys())]
-    tier.close()
+    try:
+        tier = make_tier(KVTierConfig.from_dict(extra).tiers[0])  # the disk tier reads its own files back
+        tier.load_existing()
+        blocks = [tier.codec.decode(key, tier.get(key)) for key in sorted(tier.keys())]
+        tier.close()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     return blocks
 
 

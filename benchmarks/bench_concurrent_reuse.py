@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -226,9 +227,12 @@ def main() -> int:
     specs = {name: {**base, "kv_bytes": kv["reference" if name == "reference" else "small"],
                     **({"kvtier": kvtier[name]} if name in kvtier else {})} for name in names}
     load_before = os.getloadavg()[0]
-    engines = [EngineProcess(name, __file__, specs[name], allocator_env(args.allocator)) for name in names]
-    raw = run_interleaved(engines, args.reps, "pass",
-                          lambda r: f"mean TTFT {statistics.fmean(r['ttft']) * 1000:.0f} ms")
+    try:
+        engines = [EngineProcess(name, __file__, specs[name], allocator_env(args.allocator)) for name in names]
+        raw = run_interleaved(engines, args.reps, "pass",
+                              lambda r: f"mean TTFT {statistics.fmean(r['ttft']) * 1000:.0f} ms")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # the disk tiers' files
     summary = summarise(raw)
     text = report(summary, args, (load_before, os.getloadavg()[0]), kv)
     print(text)

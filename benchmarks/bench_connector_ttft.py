@@ -49,6 +49,7 @@ import functools
 import itertools
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -303,9 +304,12 @@ def main() -> int:
     unknown = [n for n in names[1:] if n not in tiers and n != "plain-b"]
     if unknown:
         raise SystemExit(f"--configs: unknown {unknown} (expected plain, plain-b or one of {sorted(tiers)})")
-    engines = [EngineProcess(n, __file__, {**base, **({"kvtier": {"tiers": tiers[n]}} if n in tiers else {})}, env)
-               for n in names]
-    raw = run_interleaved(engines, args.reps, "rep", lambda r: f"hit {r['tier'] * 1000:.1f} ms")
+    try:
+        engines = [EngineProcess(n, __file__, {**base, **({"kvtier": {"tiers": tiers[n]}} if n in tiers else {})},
+                                 env) for n in names]
+        raw = run_interleaved(engines, args.reps, "rep", lambda r: f"hit {r['tier'] * 1000:.1f} ms")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # the disk tiers' files: ~1 GB per run
     summary = summarise(raw, args.length, args.max_rate_spread)
     text = report(summary, args, (load_before, os.getloadavg()[0]))
     print(text)

@@ -45,6 +45,7 @@ def test_engine_process_runs_commands_between_pauses(tmp_path: Path) -> None:
     finally:
         engine.close()
     assert engine.proc.returncode == 0
+    assert not Path(engine.log.name).exists()  # a clean run leaves no log behind
 
 
 def test_run_interleaved_gives_each_engine_its_reps_in_order_and_closes_them(tmp_path: Path, capsys) -> None:
@@ -74,3 +75,5 @@ def test_engine_process_that_dies_names_its_log(tmp_path: Path) -> None:
         assert "boom" in Path(engine.log.name).read_text()
     finally:
         engine.close()
+    assert "boom" in Path(engine.log.name).read_text()  # kept for whoever reads the error
+    Path(engine.log.name).unlink()

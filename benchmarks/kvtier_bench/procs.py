@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 BLOCK = 128  # vLLM's block size in the micro-benchmarks
@@ -58,7 +59,9 @@ class EngineProcess:
         self.name = name
         full = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND=os.environ.get("VLLM_CPU_OMP_THREADS_BIND", cpu_list()),
                     VLLM_ENABLE_V1_MULTIPROCESSING="0", PYTHONUNBUFFERED="1", **(env or {}))
+        # kept when the engine fails (the error names it), removed by close() otherwise
         self.log = tempfile.NamedTemporaryFile("w+", prefix=f"kvtier-{name}-", suffix=".log", delete=False)
+        self.failed = False
         self.proc = subprocess.Popen([sys.executable, script, "--worker", json.dumps(spec)], env=full, text=True,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
                                      start_new_session=True)
@@ -69,6 +72,7 @@ class EngineProcess:
             if line.startswith(prefix):
                 return line[len(prefix):]
         self.log.flush()
+        self.failed = True
         raise RuntimeError(f"{self.name} exited; its log: {self.log.name}")
 
     def ready(self) -> None:
@@ -101,6 +105,10 @@ class EngineProcess:
             self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+        if not self.failed:
+            Path(self.log.name).unlink(missing_ok=True)
 
 
 def run_interleaved(engines: Sequence[EngineProcess], reps: int, label: str,
