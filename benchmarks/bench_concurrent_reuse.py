@@ -38,6 +38,7 @@ from kvtier_bench.procs import (
     geo_interval,
     prompt,
     run_interleaved,
+    wait_for_startup_work,
 )
 
 
@@ -106,6 +107,7 @@ def worker(spec: dict[str, Any]) -> None:
                                                         kv_connector_extra_config=spec["kvtier"])
     llm = LLM(model=spec["model"], dtype="bfloat16", max_model_len=spec["max_model_len"], enforce_eager=True, seed=0,
               block_size=BLOCK, kv_cache_memory_bytes=spec["kv_bytes"], **kwargs)
+    wait_for_startup_work()
     prefixes = [prompt(1_000 + p, spec["prefix_tokens"]) for p in range(spec["prefixes"])]
     _pass(llm, spec, prefixes, -1)  # warm-up: every prefix computed once (kvtier stores them all)
     print("READY", flush=True)

@@ -69,6 +69,7 @@ from kvtier_bench.procs import (
     geo_interval,
     prompt,
     run_interleaved,
+    wait_for_startup_work,
 )
 
 
@@ -152,6 +153,7 @@ def worker(spec: dict[str, Any]) -> None:
     llm = LLM(model=spec["model"], dtype="bfloat16", max_model_len=4096, enforce_eager=True, seed=0,
               block_size=BLOCK, **kwargs)
     hooks = _time_hooks() if spec.get("kvtier") else None
+    wait_for_startup_work()
     _rep(llm, spec["length"], -1, spec["decode"], hooks)  # warm-up: a whole rep (allocator, pools, files) first
     print("READY", flush=True)
     for line in sys.stdin:

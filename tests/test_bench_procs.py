@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
-from kvtier_bench.procs import EngineProcess, geo_interval, run_interleaved
+from kvtier_bench.procs import EngineProcess, geo_interval, run_interleaved, wait_for_startup_work
 
 
 def test_geo_interval_of_equal_ratios_is_that_ratio_with_no_spread() -> None:
@@ -77,3 +79,14 @@ def test_engine_process_that_dies_names_its_log(tmp_path: Path) -> None:
         engine.close()
     assert "boom" in Path(engine.log.name).read_text()  # kept for whoever reads the error
     Path(engine.log.name).unlink()
+
+
+def test_wait_for_startup_work_waits_for_kvtiers_prefault_threads_only() -> None:
+    done = threading.Event()
+    other = threading.Thread(target=done.wait, name="kvtier-save-0", daemon=True)  # never ends by itself
+    prefault = threading.Thread(target=time.sleep, args=(0.2,), name="kvtier-prefault-dram")
+    other.start()
+    prefault.start()
+    wait_for_startup_work()
+    assert not prefault.is_alive() and other.is_alive()
+    done.set()

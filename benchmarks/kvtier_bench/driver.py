@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from kvtier_bench.procs import wait_for_startup_work
 from kvtier_bench.workload import Workload
 
 
@@ -230,6 +231,7 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     llm = make_engine(spec)
     result: dict[str, Any] = {"name": spec["name"], "import_s": round(imported - start, 2),
                               "startup_s": round(time.perf_counter() - imported, 2), "rounds": []}
+    wait_for_startup_work()
     warm_up(llm.llm_engine, spec["engine"]["block_size"])
     stats_file = os.environ.get("KVTIER_STATS_FILE")
     workload = Workload.from_dict(spec["workload"])

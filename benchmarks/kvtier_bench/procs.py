@@ -20,6 +20,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,14 @@ def prompt(seed: int, length: int) -> list[int]:
 
 def cpu_list() -> str:
     return ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))
+
+
+def wait_for_startup_work() -> None:
+    """Wait for kvtier's start-up work in this (engine) process: its DRAM pools faulted in (kvtier/tiers/dram.py).
+    A deployment does it while vLLM loads and warms up; a benchmark waits, so it does not run beside rep 1."""
+    for thread in threading.enumerate():
+        if thread.name.startswith("kvtier-prefault"):
+            thread.join()
 
 
 class EngineProcess:
