@@ -292,6 +292,9 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="kvtier-ttft-"))
     tiers = {"dram": [{"kind": "dram", "capacity": "2GiB"},
                       {"kind": "disk", "capacity": "4GiB", "path": str(tmp / "dram")}],
+             # the DRAM tier without its pool faulted in ahead (prefault: false): each save faults its pages in
+             "dram-cold": [{"kind": "dram", "capacity": "2GiB", "prefault": False},
+                           {"kind": "disk", "capacity": "4GiB", "path": str(tmp / "dram-cold")}],
              # a DRAM tier too small for one block: every hit is read from disk (the page cache: warm)
              "disk": [{"kind": "dram", "capacity": "64KiB"},
                       {"kind": "disk", "capacity": "4GiB", "path": str(tmp / "disk")}],
