@@ -323,6 +323,15 @@ def _minor_faults_writing(tier: DramTier, records: dict[bytes, bytes]) -> int:
     return resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before
 
 
+def _kernel_populates() -> bool:
+    probe = np.zeros(1 << 16, dtype=np.uint8)
+    return populate(probe.ctypes.data, probe.nbytes)
+
+
+needs_populate = pytest.mark.skipif(not _kernel_populates(), reason="no madvise(MADV_POPULATE_WRITE) (Linux < 5.14)")
+
+
+@needs_populate
 def test_dram_pool_is_faulted_in_ahead_of_the_first_writes() -> None:
     records = {make_key(f"f{i}"): make_record(make_key(f"f{i}"), 15 * PAGE) for i in range(60)}  # ~14 MiB
     pages = sum(map(len, records.values())) // mmap.PAGESIZE
@@ -340,6 +349,7 @@ def test_dram_pool_is_faulted_in_ahead_of_the_first_writes() -> None:
     cold.close()
 
 
+@needs_populate
 def test_populate_keeps_contents_and_refuses_what_it_cannot_do() -> None:
     data = np.arange(1 << 20, dtype=np.uint32)
     expect = data.copy()
