@@ -34,6 +34,9 @@ On two cores both OMP threads compute, so a kvtier thread's CPU time is at most 
 engine: hooks + threads is an upper bound of what kvtier adds, free of the few-percent offsets between engine
 processes that the cross-process ratios carry (``--configs plain,plain-b,...`` measures those: a second plain
 engine paired with the first).
+What kvtier's threads actually take is measured too: the time every other thread of each engine (vLLM's;
+kvtier's excluded) spent waiting for a CPU, from schedstat, during the miss and per decode step, against
+plain's in the same rep.
 
 Guard: the prefill rate (prompt tokens / miss TTFT) of every engine and rep is recorded. A run whose rates
 spread by more than ``--max-rate-spread`` (e.g. one engine's threads oversubscribed, or a busy machine) is
@@ -75,10 +78,11 @@ from kvtier_bench.procs import (
 
 # ---- worker process: one engine, commands on stdin ---------------------------------------------------------
 def _generate(llm: Any, tokens: list[int], max_tokens: int, hooks: list[float] | None = None,
-              hook_stamps: list[float] | None = None, decode_cpu: list[float] | None = None) -> list[float]:
+              hook_stamps: list[float] | None = None, decode_sched: list[tuple[float, float]] | None = None
+              ) -> list[float]:
     """Seconds from submission to each generated token, driving the engine one step at a time; with ``hooks``
-    (``_time_hooks``) the connector's seconds so far at each token go to ``hook_stamps``; ``decode_cpu`` gets the
-    CPU seconds kvtier's threads used from the first token to the last."""
+    (``_time_hooks``) the connector's seconds so far at each token go to ``hook_stamps``; ``decode_sched`` gets
+    ``_since`` from the first token to the last (kvtier's threads' CPU, the engine's threads' wait for a CPU)."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -87,7 +91,7 @@ def _generate(llm: Any, tokens: list[int], max_tokens: int, hooks: list[float] |
     engine.add_request(f"r-{start}", TokensPrompt(prompt_token_ids=tokens),
                        SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
     stamps: list[float] = []
-    first_cpu: dict[int, int] | None = None
+    first: Sched | None = None
     while engine.has_unfinished_requests():
         for out in engine.step():
             now = time.perf_counter() - start
@@ -95,10 +99,10 @@ def _generate(llm: Any, tokens: list[int], max_tokens: int, hooks: list[float] |
             stamps += [now] * new
             if hooks is not None and hook_stamps is not None:
                 hook_stamps += [hooks[0]] * new
-            if decode_cpu is not None and first_cpu is None and stamps:
-                first_cpu = _kvtier_cpu()  # once, so the loop's steps are not slowed by reading /proc
-    if decode_cpu is not None and first_cpu is not None:
-        decode_cpu.append(_cpu_since(first_cpu))
+            if decode_sched is not None and first is None and stamps:
+                first = _sched()  # once, so the loop's steps are not slowed by reading /proc
+    if decode_sched is not None and first is not None:
+        decode_sched.append(_since(first))
     return stamps
 
 
@@ -160,44 +164,56 @@ def worker(spec: dict[str, Any]) -> None:
         print("RESULT " + json.dumps(_rep(llm, spec["length"], int(line), spec["decode"], hooks)), flush=True)
 
 
-def _kvtier_cpu() -> dict[int, int]:
-    """CPU nanoseconds so far of each of kvtier's threads (named kvtier-*), by thread id."""
-    out: dict[int, int] = {}
-    for thread in threading.enumerate():
-        if thread.name.startswith("kvtier") and thread.native_id is not None:
-            try:
-                out[thread.native_id] = int(Path(f"/proc/self/task/{thread.native_id}/schedstat").read_text().split()[0])
-            except (OSError, ValueError, IndexError):  # the thread just ended, or no schedstat
-                pass
-    return out
+Sched = tuple[dict[int, tuple[int, int]], set[int]]
 
 
-def _cpu_since(before: dict[int, int]) -> float:
-    """Seconds of CPU kvtier's threads used since ``before`` (threads started since count from zero)."""
-    return sum(ns - before.get(tid, 0) for tid, ns in _kvtier_cpu().items()) / 1e9
+def _sched() -> Sched:
+    """(CPU ns, ns spent waiting for a CPU) so far of every thread of this process, by thread id (from
+    /proc/self/task/<tid>/schedstat), and the ids of kvtier's threads (named kvtier-*)."""
+    kvtier = {t.native_id for t in threading.enumerate() if t.name.startswith("kvtier") and t.native_id is not None}
+    times: dict[int, tuple[int, int]] = {}
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            cpu, wait = task.joinpath("schedstat").read_text().split()[:2]
+            times[int(task.name)] = (int(cpu), int(wait))
+        except (OSError, ValueError):  # the thread just ended, or no schedstat
+            pass
+    return times, kvtier
+
+
+def _since(before: Sched) -> tuple[float, float]:
+    """Since ``before``: (CPU seconds kvtier's threads used, seconds the engine's other threads waited for a
+    CPU). Threads started since count from zero."""
+    now, kvtier = _sched()
+    old = before[0]
+    cpu = sum(c - old.get(tid, (0, 0))[0] for tid, (c, _) in now.items() if tid in kvtier)
+    wait = sum(w - old.get(tid, (0, 0))[1] for tid, (_, w) in now.items() if tid not in kvtier)
+    return cpu / 1e9, wait / 1e9
 
 
 def _rep(llm: Any, length: int, rep: int, decode: int, hooks: list[float] | None = None) -> dict[str, float]:
     reused = prompt(10_000 + rep, length)
-    threads, hooks_before = _kvtier_cpu(), hooks[0] if hooks is not None else 0.0
+    before, hooks_before = _sched(), hooks[0] if hooks is not None else 0.0
     out = {"miss": _generate(llm, reused, 1)[0]}
+    out["wait_miss"] = _since(before)[1]
     if hooks is not None:
         out["hooks_miss"] = hooks[0] - hooks_before
     time.sleep(0.3)  # background saves land (a load would wait for them anyway)
     if hooks is not None:
-        out["threads_miss"] = _cpu_since(threads)
+        out["threads_miss"] = _since(before)[0]
     out["resident"] = _generate(llm, reused, 1)[0]
     time.sleep(0.3)  # the same pause before the tier hit
     _reset(llm)
     out["tier"] = _generate(llm, reused, 1)[0]
     spent: list[float] = []
-    cpu: list[float] = []
-    stamps = _generate(llm, prompt(20_000 + rep, length), decode, hooks, spent, cpu if hooks is not None else None)
+    sched: list[tuple[float, float]] = []
+    stamps = _generate(llm, prompt(20_000 + rep, length), decode, hooks, spent, sched)
     out["decode_ttft"] = stamps[0]
     out["itl"] = statistics.median(b - a for a, b in itertools.pairwise(stamps))
+    out["wait_per_step"] = sched[0][1] / (len(stamps) - 1)
     if hooks is not None:  # kvtier's time per decode step (the steps after the first token)
         out["hooks_per_step"] = (spent[-1] - spent[0]) / (len(spent) - 1)
-        out["threads_per_step"] = cpu[0] / (len(stamps) - 1)
+        out["threads_per_step"] = sched[0][0] / (len(stamps) - 1)
     _reset(llm)
     return out
 
@@ -233,6 +249,13 @@ def summarise(raw: dict[str, list[dict[str, float]]], length: int, max_spread: f
                                                   for r in raw[name]]),
                             "step": geo_interval([1 + (r["hooks_per_step"] + r["threads_per_step"]) / r["itl"]
                                                   for r in raw[name]])} for name in kvtier},
+        # how much longer the engine's own threads waited for a CPU than plain's did, over the time: what
+        # kvtier's threads (or anything else in that process) actually took from the engine
+        "extra_wait": {name: {"miss": geo_interval([1 + (r["wait_miss"] - p["wait_miss"]) / r["miss"]
+                                                    for r, p in zip(raw[name], plain)]),
+                              "step": geo_interval([1 + (r["wait_per_step"] - p["wait_per_step"]) / r["itl"]
+                                                    for r, p in zip(raw[name], plain)])}
+                       for name in raw if name != "plain"},
     }
 
 
@@ -264,6 +287,13 @@ def report(summary: dict[str, Any], args: argparse.Namespace, load: tuple[float,
         own = summary["own_time"].get(name)
         cells = mine + [o["ttft"], o["decode_ttft"], o["itl"]] + ([own["miss"], own["step"]] if own else [None, None])
         lines.append(f"| {name} | " + " | ".join("–" if c is None else fmt_ratio(c) for c in cells) + " |")
+    lines += ["", ("The engine's threads waiting for a CPU (every thread but kvtier's; schedstat), against plain's in "
+                   "the same rep:"), "", ("| configuration | wait per miss ms | wait per decode step ms | (miss + extra wait) "
+                                    "/ miss | (step + extra wait) / step |"), "|---|---|---|---|---|"]
+    for name, med in m.items():
+        extra = summary["extra_wait"].get(name)
+        cells = ["–", "–"] if extra is None else [fmt_ratio(extra["miss"]), fmt_ratio(extra["step"])]
+        lines.append(f"| {name} | {med['wait_miss']} | {med['wait_per_step']} | " + " | ".join(cells) + " |")
     lines += ["", ("kvtier's time: its connector hooks (in the engine's steps) plus its threads' CPU (at most the "
                    "wall time they take from the engine on these two cores), measured inside the engine; the "
                    "cross-process columns also carry the offsets between engine processes (a control row, a second "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import threading
 import time
@@ -15,7 +16,7 @@ import bench_connector_ttft as bench
 
 def _rep(scale: float, hooks: float | None = None) -> dict[str, float]:
     rep = {"miss": 1.5 * scale, "resident": 0.02 * (0.8 if hooks else 1), "tier": 0.02 * scale,
-           "decode_ttft": 1.5 * scale, "itl": 0.015 * scale}
+           "decode_ttft": 1.5 * scale, "itl": 0.015 * scale, "wait_miss": 0.004, "wait_per_step": 0.0001}
     if hooks is not None:  # kvtier's own time: hooks and threads in a miss and per decode step
         rep.update(hooks_miss=0.003, threads_miss=0.012, hooks_per_step=hooks, threads_per_step=0.00005)
     return rep
@@ -37,6 +38,8 @@ def test_the_report_pairs_reps_and_shows_kvtiers_own_time() -> None:
     assert "| dram | 1800.0 | 16.0 | 24.0 | 1800.0 | 18.0 | 3.00 + 12.00 | 0.100 + 0.050 |" in text
     assert "| plain | 1500.0 | 20.0 | 20.0 | 1500.0 | 15.0 | – | – |" in text
     assert "| dram | 1.200x [1.200, 1.200] | 1.500x [1.500, 1.500] |" in text
+    assert "| plain | 4.0 | 0.1 | – | – |" in text  # the engine's wait for a CPU; kvtier's extra wait: none here
+    assert "| dram | 4.0 | 0.1 | 1.000x [1.000, 1.000] | 1.000x [1.000, 1.000] |" in text
     assert "plain included" in text
 
 
@@ -56,7 +59,7 @@ def test_a_run_whose_prefill_rates_spread_is_invalid() -> None:
     assert not bench.summarise(raw, 2049, max_spread=1.5)["valid"]
 
 
-def test_kvtiers_thread_cpu_counts_only_threads_named_kvtier() -> None:
+def test_sched_splits_kvtiers_cpu_from_the_other_threads_wait() -> None:
     done = threading.Event()
 
     def burn(seconds: float) -> None:
@@ -65,14 +68,17 @@ def test_kvtiers_thread_cpu_counts_only_threads_named_kvtier() -> None:
             pass
         done.wait()  # alive while measured
 
-    before = bench._kvtier_cpu()
-    threads = [threading.Thread(target=burn, args=(0.3,), name="engine-side"),
-               threading.Thread(target=burn, args=(0.1,), name="kvtier-test")]
+    before = bench._sched()
+    # three busy threads on at most two cores: someone waits for a CPU
+    threads = [threading.Thread(target=burn, args=(0.3,), name=f"engine-side-{i}") for i in range(2)]
+    threads.append(threading.Thread(target=burn, args=(0.1,), name="kvtier-test"))
     for thread in threads:
         thread.start()
     time.sleep(0.8)
-    spent = bench._cpu_since(before)
+    cpu, wait = bench._since(before)
     done.set()
     for thread in threads:
         thread.join()
-    assert 0.09 <= spent <= 0.2
+    assert 0.09 <= cpu <= 0.2  # only kvtier-test's CPU
+    if len(os.sched_getaffinity(0)) <= 2:
+        assert wait > 0.01  # the engine-side threads waited while three wanted two cores
