@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import sys
 import threading
@@ -62,10 +63,12 @@ def test_a_run_whose_prefill_rates_spread_is_invalid() -> None:
 def test_sched_splits_kvtiers_cpu_from_the_other_threads_wait() -> None:
     done = threading.Event()
 
+    data = bytes(1 << 20)
+
     def burn(seconds: float) -> None:
         end = time.thread_time() + seconds
         while time.thread_time() < end:
-            pass
+            hashlib.sha256(data)  # releases the GIL: the threads really compete for the cores, not for the GIL
         done.wait()  # alive while measured
 
     before = bench._sched()
