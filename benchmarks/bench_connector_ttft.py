@@ -78,11 +78,10 @@ from kvtier_bench.procs import (
 
 # ---- worker process: one engine, commands on stdin ---------------------------------------------------------
 def _generate(llm: Any, tokens: list[int], max_tokens: int, hooks: list[float] | None = None,
-              hook_stamps: list[float] | None = None, decode_sched: list[tuple[float, float]] | None = None
-              ) -> list[float]:
-    """Seconds from submission to each generated token, driving the engine one step at a time; with ``hooks``
-    (``_time_hooks``) the connector's seconds so far at each token go to ``hook_stamps``; ``decode_sched`` gets
-    ``_since`` from the first token to the last (kvtier's threads' CPU, the engine's threads' wait for a CPU)."""
+              decode: list[tuple[float, float, float]] | None = None) -> list[float]:
+    """Seconds from submission to each generated token, driving the engine one step at a time. ``decode`` gets,
+    from the first token to the last: (CPU seconds of kvtier's threads, seconds the engine's other threads waited
+    for a CPU, seconds in the connector's methods as counted by ``hooks`` from ``_time_hooks``, 0 without)."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -91,18 +90,15 @@ def _generate(llm: Any, tokens: list[int], max_tokens: int, hooks: list[float] |
     engine.add_request(f"r-{start}", TokensPrompt(prompt_token_ids=tokens),
                        SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
     stamps: list[float] = []
-    first: Sched | None = None
+    first: tuple[Sched, float] | None = None
     while engine.has_unfinished_requests():
         for out in engine.step():
             now = time.perf_counter() - start
-            new = len(out.outputs[0].token_ids) - len(stamps)
-            stamps += [now] * new
-            if hooks is not None and hook_stamps is not None:
-                hook_stamps += [hooks[0]] * new
-            if decode_sched is not None and first is None and stamps:
-                first = _sched()  # once, so the loop's steps are not slowed by reading /proc
-    if decode_sched is not None and first is not None:
-        decode_sched.append(_since(first))
+            stamps += [now] * (len(out.outputs[0].token_ids) - len(stamps))
+            if decode is not None and first is None and stamps:
+                first = _sched(), hooks[0] if hooks is not None else 0.0  # once: /proc is not read every step
+    if decode is not None and first is not None:
+        decode.append((*_since(first[0]), hooks[0] - first[1] if hooks is not None else 0.0))
     return stamps
 
 
@@ -205,15 +201,15 @@ def _rep(llm: Any, length: int, rep: int, decode: int, hooks: list[float] | None
     time.sleep(0.3)  # the same pause before the tier hit
     _reset(llm)
     out["tier"] = _generate(llm, reused, 1)[0]
-    spent: list[float] = []
-    sched: list[tuple[float, float]] = []
-    stamps = _generate(llm, prompt(20_000 + rep, length), decode, hooks, spent, sched)
+    steps: list[tuple[float, float, float]] = []
+    stamps = _generate(llm, prompt(20_000 + rep, length), decode, hooks, steps)
     out["decode_ttft"] = stamps[0]
     out["itl"] = statistics.median(b - a for a, b in itertools.pairwise(stamps))
-    out["wait_per_step"] = sched[0][1] / (len(stamps) - 1)
-    if hooks is not None:  # kvtier's time per decode step (the steps after the first token)
-        out["hooks_per_step"] = (spent[-1] - spent[0]) / (len(spent) - 1)
-        out["threads_per_step"] = sched[0][0] / (len(stamps) - 1)
+    threads, wait, spent = (x / (len(stamps) - 1) for x in steps[0])  # per decode step (after the first token)
+    out["wait_per_step"] = wait
+    if hooks is not None:  # kvtier's time per decode step
+        out["hooks_per_step"] = spent
+        out["threads_per_step"] = threads
     _reset(llm)
     return out
 

@@ -29,6 +29,7 @@ M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD_MAX = 32 << 20  # glibc refuses larger values on 64-bit
 TRIM_MAX = 2**31 - 1  # mallopt takes an int
 MADV_POPULATE_WRITE = 23  # Linux 5.14+: fault pages in, writable, without changing what they hold
+PREFAULT_THREAD = "kvtier-prefault"  # name prefix of threads calling populate (benchmarks wait for them)
 
 
 def keep_freed_memory(trim_bytes: int) -> bool:

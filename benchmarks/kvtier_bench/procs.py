@@ -25,6 +25,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from kvtier.hostmem import PREFAULT_THREAD
+
 BLOCK = 128  # vLLM's block size in the micro-benchmarks
 ALLOCATORS = {"kvtier": "the settings kvtier's connector applies (GLIBC_TUNABLES), plain included",
               "default": "glibc's defaults (kvtier's engines: the connector's settings)"}
@@ -59,7 +61,7 @@ def wait_for_startup_work() -> None:
     """Wait for kvtier's start-up work in this (engine) process: its DRAM pools faulted in (kvtier/tiers/dram.py).
     A deployment does it while vLLM loads and warms up; a benchmark waits, so it does not run beside rep 1."""
     for thread in threading.enumerate():
-        if thread.name.startswith("kvtier-prefault"):
+        if thread.name.startswith(PREFAULT_THREAD):
             thread.join()
 
 

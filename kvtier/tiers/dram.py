@@ -28,7 +28,7 @@ import torch
 
 from kvtier.codecs import BlockCodec
 from kvtier.errors import ConfigError, TierError
-from kvtier.hostmem import lower_thread_priority, populate
+from kvtier.hostmem import PREFAULT_THREAD, lower_thread_priority, populate
 from kvtier.keys import BlockKey
 from kvtier.policies.base import EvictionPolicy
 from kvtier.tiers.base import Tier
@@ -110,7 +110,7 @@ class DramTier(Tier):
         self._prefaulter: threading.Thread | None = None
         if options.prefault and not self.pinned:  # a pinned pool is faulted in already
             self._prefaulter = threading.Thread(target=self._prefault, args=(self._pool.data_ptr(),),
-                                                name=f"kvtier-prefault-{name}", daemon=True)
+                                                name=f"{PREFAULT_THREAD}-{name}", daemon=True)
             self._prefaulter.start()
         self._free: list[int] = list(range(num_pages - 1, -1, -1))  # pop() hands out page 0 first
         self._pages: dict[BlockKey, tuple[list[int], int]] = {}  # key -> (pages, exact length)
