@@ -189,3 +189,36 @@ def test_glibc_tunables_give_a_new_process_the_workers_allocator_settings() -> N
 
     assert from_heap({}) == "False"
     assert from_heap({"GLIBC_TUNABLES": glibc_tunables(256 << 20)}) == "True"
+
+
+def test_runs_map_keeps_order_in_one_contiguous_run_per_thread() -> None:
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from kvtier.connector.loading import runs_map
+
+    jobs: list[int] = []
+
+    class Counting(ThreadPoolExecutor):
+        def map(self, fn, *iterables, **kwargs):  # type: ignore[no-untyped-def]
+            runs = list(iterables[0])
+            jobs.append(len(runs))
+            return super().map(fn, runs, **kwargs)
+
+    seen: list[tuple[int, int]] = []
+    lock = threading.Lock()
+
+    def job(x: int) -> int:
+        with lock:
+            seen.append((threading.get_ident(), x))
+        return x * x
+
+    with Counting(3) as pool:
+        assert runs_map(pool, 3, job, range(10)) == [x * x for x in range(10)]
+        assert jobs == [3] and sorted(x for _, x in seen) == list(range(10))  # three jobs, each item once
+        for thread in {t for t, _ in seen}:  # each job's items in order
+            mine = [x for t, x in seen if t == thread]
+            assert mine == sorted(mine)
+        seen.clear()
+        assert runs_map(pool, 3, job, [5]) == [25] and seen == [(threading.get_ident(), 5)]  # one item: inline
+        assert runs_map(pool, 3, job, []) == [] and jobs == [3]

@@ -3,12 +3,29 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Executor
+from typing import Any, TypeVar
 
 import numpy as np
 
 from kvtier.tiers.stack import Place
 from kvtier.transfer import Fence, FenceWatcher, KVCopier, Slot
+
+T = TypeVar("T")
+
+
+def runs_map(pool: Executor, threads: int, fn: Callable[[Any], T], items: Iterable[Any]) -> list[T]:
+    """``list(map(fn, items))`` on ``pool``: one contiguous run of the items per thread, not one job per item.
+    A hit's records each take a few short GIL-free steps (read, decode, copy, checksum); one job per record put a
+    hand-off between threads around each of them (base model, 2k-token disk hit: 44 -> 34 ms with runs)."""
+    jobs = list(items)
+    n = min(threads, len(jobs))
+    if n <= 1:
+        return [fn(job) for job in jobs]
+    bounds = [len(jobs) * k // n for k in range(n + 1)]
+    runs = pool.map(lambda k: [fn(job) for job in jobs[bounds[k]:bounds[k + 1]]], range(n))
+    return [out for run in runs for out in run]
 
 
 class StagedLoads:

@@ -19,6 +19,7 @@ whatever its blocks held before.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import threading
 import time
@@ -31,7 +32,7 @@ import torch
 
 from kvtier.config import KVTierConfig
 from kvtier.connector.counters import Counters
-from kvtier.connector.loading import StagedLoads
+from kvtier.connector.loading import StagedLoads, runs_map
 from kvtier.connector.metadata import KVTierMetadata, KVTierWorkerMeta, LoadSpec
 from kvtier.connector.placement import StartupPlacement
 from kvtier.connector.savequeue import SaveQueue
@@ -79,6 +80,7 @@ class WorkerSide:
         self.scores: ScoreFeed | None = None  # attention-score feed, set by attach_attention
         # Separate pools: a load (on the request's critical path) never queues behind background saves.
         self.load_pool = ThreadPoolExecutor(threads, thread_name_prefix="kvtier-load")
+        self.load_threads = threads
         self._async_loads: dict[str, Future[set[int]]] = {}
         self._storing: dict[bytes, Future[Any]] = {}  # keys whose save is queued or running
         self._storing_lock = threading.Lock()
@@ -219,7 +221,7 @@ class WorkerSide:
         if len(spec.keys) != len(spec.block_ids):
             raise ValueError(f"{len(spec.keys)} keys for {len(spec.block_ids)} blocks")
         self._await_saves(spec.keys)
-        map_fn = self.load_pool.map if parallel else map
+        map_fn = functools.partial(runs_map, self.load_pool, self.load_threads) if parallel else map
         if self.copier is not None and self.copier.direct:  # host KV caches: records land in their blocks
             served = self.stack.load_many(spec.keys, self.loader.placer(spec.block_ids), map_fn)
             good = next((i for i, tier in enumerate(served) if tier is None), len(served))
