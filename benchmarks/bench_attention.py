@@ -40,6 +40,7 @@ from pathlib import Path
 
 from kvtier_bench.attention_report import aggregate, markdown, summarize
 from kvtier_bench.families import BLOCK, Req, engaged, hittable, open_source
+from kvtier_bench.procs import compute_dtype
 from kvtier_bench.runner import cpu_list
 
 SEEDS = "11,23,37,41,59"  # sim_attention.EVAL_SEEDS[:5], fixed before any run
@@ -72,7 +73,7 @@ def child(spec: dict) -> dict:
     from kvtier_bench.configs import transfer_config
 
     transfer = KVTransferConfig(**transfer_config(spec["kvtier"]))
-    llm = LLM(model=spec["model"], dtype="bfloat16", max_model_len=4096, enforce_eager=True, seed=0,
+    llm = LLM(model=spec["model"], dtype=compute_dtype(), max_model_len=4096, enforce_eager=True, seed=0,
               block_size=BLOCK, kv_transfer_config=transfer)
     sampling = SamplingParams(temperature=0, max_tokens=1)
     llm.generate([TokensPrompt(prompt_token_ids=[0] * 300)], sampling, use_tqdm=False)  # warm-up

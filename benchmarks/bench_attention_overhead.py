@@ -97,11 +97,12 @@ def main(argv: list[str] | None = None) -> int:
     from vllm.inputs import TokensPrompt
 
     from kvtier_bench.models import SIZES, build_model
+    from kvtier_bench.procs import compute_dtype
 
     model = build_model(args.model) if args.model in (*SIZES, "trained") else args.model
     kvtier = {"tiers": [{"kind": "dram", "capacity": "1GiB", "policy": {"name": "attention"}}],
               "attention": {"capture": "window", "window": 16, "every_n_steps": 1}}
-    llm = LLM(model=model, dtype="bfloat16", max_model_len=4096, enforce_eager=True, seed=0, block_size=128,
+    llm = LLM(model=model, dtype=compute_dtype(), max_model_len=4096, enforce_eager=True, seed=0, block_size=128,
               kv_transfer_config=KVTransferConfig(kv_connector="KVTierConnector", kv_role="kv_both",
                                                   kv_connector_extra_config=kvtier))
     capture = get_kv_transfer_group()._worker.scores.capture  # type: ignore[attr-defined]

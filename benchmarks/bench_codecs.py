@@ -38,6 +38,7 @@ from codecs_report import MACHINE_KEYS, machine_info, write_reports
 from kvtier.codecs import ALL_DECODERS, Codec, PlanesCodec, decode_record, encode_record, make_codec
 from kvtier.config import CodecConfig
 from kvtier.plugins import TIERS
+from kvtier_bench.procs import compute_dtype
 from kvtier_bench.runner import cpu_list
 
 GOAL_RATIO, GOAL_DECODE_GBPS = 1.4, 1.0
@@ -116,7 +117,7 @@ def capture_vllm(model_dir: str, ids: list[int], block_size: int, chunk: int) ->
 
     work = tempfile.mkdtemp(prefix="kvtier-codecs-")
     extra = {"tiers": [{"name": "disk", "kind": "disk", "capacity": "8GiB", "path": work, "codec": "none"}]}
-    llm = LLM(model=model_dir, dtype="bfloat16", max_model_len=chunk + 64, enforce_eager=True, seed=0,
+    llm = LLM(model=model_dir, dtype=compute_dtype(), max_model_len=chunk + 64, enforce_eager=True, seed=0,
               block_size=block_size,
               kv_transfer_config=KVTransferConfig(kv_connector="KVTierConnector", kv_role="kv_both",
                                                   kv_connector_module_path="kvtier.connector",

@@ -33,9 +33,11 @@ from kvtier_bench.procs import (
     EngineProcess,
     add_allocator_arg,
     allocator_env,
+    compute_dtype,
     cpu_list,
     fmt_ratio,
     geo_interval,
+    kv_scale,
     prompt,
     run_interleaved,
     wait_for_startup_work,
@@ -105,8 +107,8 @@ def worker(spec: dict[str, Any]) -> None:
     if spec.get("kvtier"):
         kwargs["kv_transfer_config"] = KVTransferConfig(kv_connector="KVTierConnector", kv_role="kv_both",
                                                         kv_connector_extra_config=spec["kvtier"])
-    llm = LLM(model=spec["model"], dtype="bfloat16", max_model_len=spec["max_model_len"], enforce_eager=True, seed=0,
-              block_size=BLOCK, kv_cache_memory_bytes=spec["kv_bytes"], **kwargs)
+    llm = LLM(model=spec["model"], dtype=compute_dtype(), max_model_len=spec["max_model_len"], enforce_eager=True,
+              seed=0, block_size=BLOCK, kv_cache_memory_bytes=spec["kv_bytes"], **kwargs)
     wait_for_startup_work()
     prefixes = [prompt(1_000 + p, spec["prefix_tokens"]) for p in range(spec["prefixes"])]
     _pass(llm, spec, prefixes, -1)  # warm-up: every prefix computed once (kvtier stores them all)
@@ -204,7 +206,7 @@ def main() -> int:
     from kvtier_bench.models import build_model, kv_bytes_per_token
 
     model = build_model(args.size)
-    per_block = kv_bytes_per_token(model) * BLOCK  # K and V, bf16
+    per_block = kv_bytes_per_token(model, 2 * kv_scale()) * BLOCK  # K and V in the models' dtype
     blocks_per_request = -(-(args.prefix_tokens + args.suffix_tokens + args.max_tokens) // BLOCK)
     kv = {"small": max(int(args.prefixes * args.kv_fraction), args.concurrency) * blocks_per_request * per_block,
           "reference": (args.prefixes + 2 * args.concurrency) * blocks_per_request * per_block}

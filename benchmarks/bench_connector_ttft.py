@@ -67,6 +67,7 @@ from kvtier_bench.procs import (
     EngineProcess,
     add_allocator_arg,
     allocator_env,
+    compute_dtype,
     cpu_list,
     fmt_ratio,
     geo_interval,
@@ -150,7 +151,7 @@ def worker(spec: dict[str, Any]) -> None:
     if spec.get("kvtier"):
         kwargs["kv_transfer_config"] = KVTransferConfig(kv_connector="KVTierConnector", kv_role="kv_both",
                                                         kv_connector_extra_config=spec["kvtier"])
-    llm = LLM(model=spec["model"], dtype="bfloat16", max_model_len=4096, enforce_eager=True, seed=0,
+    llm = LLM(model=spec["model"], dtype=compute_dtype(), max_model_len=4096, enforce_eager=True, seed=0,
               block_size=BLOCK, **kwargs)
     hooks = _time_hooks() if spec.get("kvtier") else None
     wait_for_startup_work()

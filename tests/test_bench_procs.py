@@ -90,3 +90,39 @@ def test_wait_for_startup_work_waits_for_kvtiers_prefault_threads_only() -> None
     wait_for_startup_work()
     assert not prefault.is_alive() and other.is_alive()
     done.set()
+
+
+def test_compute_dtype_is_bf16_only_where_the_machine_computes_it_natively(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from kvtier_bench.procs import compute_dtype, kv_scale
+
+    monkeypatch.delenv("KVTIER_BENCH_DTYPE", raising=False)
+    caps = torch.cpu.get_capabilities()
+    native = torch.cuda.is_available() or any(caps.get(f, False) for f in ("avx512_bf16", "amx_bf16", "bf16"))
+    assert compute_dtype() == ("bfloat16" if native else "float32")
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {**caps, "avx512_bf16": False, "amx_bf16": False,
+                                                                "bf16": False})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert (compute_dtype(), kv_scale()) == ("float32", 2)  # e.g. an AVX2-only CPU: bf16 would be emulated
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {**caps, "avx512_bf16": True})
+    assert (compute_dtype(), kv_scale()) == ("bfloat16", 1)
+    monkeypatch.setenv("KVTIER_BENCH_DTYPE", "float32")  # the override wins
+    assert (compute_dtype(), kv_scale()) == ("float32", 2)
+
+
+def test_configs_double_every_kv_size_for_float32_models(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from kvtier_bench.configs import build_configs
+    from kvtier_bench.settings import load_settings
+
+    def sizes(dtype: str) -> list[int]:
+        monkeypatch.setenv("KVTIER_BENCH_DTYPE", dtype)
+        out = []
+        for cfg in build_configs(load_settings(), tmp_path, None):
+            out.append(cfg.kv_cache_bytes)
+            tiers = (cfg.kv_transfer or {}).get("kv_connector_extra_config", {}).get("tiers", [])
+            out += [tier["capacity"] for tier in tiers]
+        return out
+
+    half, full = sizes("bfloat16"), sizes("float32")
+    assert len(half) > 3 and full == [2 * x for x in half]

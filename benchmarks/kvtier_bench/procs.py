@@ -53,6 +53,28 @@ def prompt(seed: int, length: int) -> list[int]:
     return [rng.randrange(10, 4000) for _ in range(length)]
 
 
+def compute_dtype() -> str:
+    """The dtype the benchmarks run their models in: ``bfloat16`` where this machine computes it natively (a GPU,
+    AVX512-BF16 or AMX on x86, BF16 on ARM), else ``float32``. Without native support bf16 matrix products are
+    emulated: on an AVX2-only 2-core machine a 2k-token prefill of the base model took 42 s in bf16 (1.5 s on one
+    with native bf16) and torch's bf16 GEMM ran 7x slower than its fp32 one, so a bf16 run there measures the
+    emulation, not the KV cache. ``KVTIER_BENCH_DTYPE`` overrides the choice."""
+    chosen = os.environ.get("KVTIER_BENCH_DTYPE")
+    if chosen:
+        return chosen
+    import torch
+
+    caps = torch.cpu.get_capabilities()
+    native = torch.cuda.is_available() or any(caps.get(flag, False) for flag in ("avx512_bf16", "amx_bf16", "bf16"))
+    return "bfloat16" if native else "float32"
+
+
+def kv_scale() -> int:
+    """KV bytes per value of ``compute_dtype()`` over the 2 of bf16: the factor the benchmarks apply to the KV
+    spaces and tier capacities they give for 16-bit KV, so the same tokens fit whatever the dtype."""
+    return {"float32": 2, "float": 2}.get(compute_dtype(), 1)
+
+
 def cpu_list() -> str:
     return ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))
 
