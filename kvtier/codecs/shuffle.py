@@ -50,7 +50,7 @@ def merge16(low: Buffer, high: Buffer, tail: Buffer) -> memoryview:
     np.multiply(hi, np.uint16(256), out=words, dtype=np.uint16)
     np.add(words, lo, out=words)
     out[2 * len(lo):] = odd
-    return memoryview(out)
+    return out.data
 
 
 def shuffle16(data: bytes | memoryview) -> memoryview:
