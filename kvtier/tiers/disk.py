@@ -68,6 +68,7 @@ class DiskTier(Tier):
         self.configured_capacity = capacity  # ``capacity`` shrinks below it while the filesystem is full
         self.options = options
         self.root = Path(options.path)
+        self._root = str(self.root)
         self._direct = bool(options.o_direct) and hasattr(os, "O_DIRECT")
         if options.o_direct and not self._direct:
             log.warning("tier %s: O_DIRECT is not available on this platform; writing through the page cache", name)
@@ -81,8 +82,13 @@ class DiskTier(Tier):
 
     # ---- paths ------------------------------------------------------------------------------------------
     def path_of(self, key: BlockKey) -> Path:
+        return Path(self._file_of(key))
+
+    def _file_of(self, key: BlockKey) -> str:
+        """``path_of`` as a string: the read and delete paths run it per record, and pathlib's joins took ~30 us
+        of each (4 ms of a 128-record hit)."""
         hexkey = key.hex()
-        return self.root / hexkey[:2] / (hexkey + SUFFIX)
+        return os.path.join(self._root, hexkey[:2], hexkey + SUFFIX)
 
     def _tmp_path(self, final: Path) -> Path:
         unique = f"{os.getpid()}-{threading.get_ident()}-{next(self._tmp_ids)}"
@@ -122,7 +128,7 @@ class DiskTier(Tier):
     def _read_file(self, key: BlockKey, buf: bytearray | None) -> bytes | memoryview | None:
         """The record's bytes: new bytes without ``buf``, else a view of ``buf`` (of a larger one when they do not
         fit). One byte more than the file's size is asked for: a file that grew since the fstat reads longer."""
-        path = self.path_of(key)
+        path = self._file_of(key)
         try:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
@@ -179,7 +185,7 @@ class DiskTier(Tier):
                 self.capacity = self.configured_capacity if grown >= configured else max(self.capacity, grown)
 
     def _discard(self, key: BlockKey) -> None:
-        path = self.path_of(key)
+        path = self._file_of(key)
         try:
             os.unlink(path)
         except FileNotFoundError:
