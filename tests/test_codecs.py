@@ -20,7 +20,7 @@ from kvtier.codecs import (
     encode_record,
     make_codec,
 )
-from kvtier.codecs.planes import MODE_RAW, MODE_ZSTD
+from kvtier.codecs.planes import MODE_RAW, MODE_ZSTD, MODE_ZSTD_ODD
 from kvtier.codecs.shuffle import merge16, shuffle16, split16, unshuffle16
 from kvtier.config import CodecConfig, KVTierConfig
 from kvtier.errors import CodecError, ConfigError, CorruptBlockError
@@ -42,13 +42,19 @@ def kv_like(n: int = 65536) -> bytes:
     return rng.normal(0, 1, n).astype(np.float32).view(np.uint32).__rshift__(16).astype(np.uint16).tobytes()
 
 
+def kv_like32(n: int = 32768) -> bytes:
+    """float32 values of similar magnitudes (KV of a model run in float32: vLLM's CPU build without bf16)."""
+    return np.random.default_rng(1).normal(0, 1, n).astype(np.float32).tobytes()
+
+
 def kv_bytes(n: int) -> bytes:
     """Exactly ``n`` bytes of kv_like data (odd lengths end in half a value)."""
     return kv_like(n // 2 + 1)[:n]
 
 
 @pytest.mark.parametrize("codec", CODECS, ids=ids)
-@pytest.mark.parametrize("data", [b"", b"x", os.urandom(4097), kv_like()], ids=["empty", "one", "random", "kv"])
+@pytest.mark.parametrize("data", [b"", b"x", os.urandom(4097), kv_like(), kv_like32()],
+                         ids=["empty", "one", "random", "kv", "kv32"])
 def test_codec_roundtrip(codec, data: bytes) -> None:
     assert codec.decode(codec.encode(data), len(data)) == data
 
@@ -150,6 +156,20 @@ def test_planes_compresses_kv_and_stores_random_high_planes_raw() -> None:
     assert payload[0] == MODE_RAW and len(payload) == len(noise) + 5  # never expands by more than its header
 
 
+def test_planes_codes_only_the_exponent_bytes_of_32_bit_values() -> None:
+    """float32 KV: the high plane alternates random mantissa bytes with exponent bytes; only the latter go through
+    ZSTD (mode 2), which compresses as well as the whole plane did (mode 1), with half the bytes to decode."""
+    codec, data = PlanesCodec(), kv_like32()
+    payload = codec.encode(data)
+    assert payload[0] == MODE_ZSTD_ODD and codec.decode(payload, len(data)) == data
+    whole = 5 + len(ZstdCodec(1, hash_log=10).encode(split16(data)[1])) + len(data) // 2
+    assert len(payload) <= whole and len(data) / len(payload) > 1.15
+    assert codec.encode(kv_like())[0] == MODE_ZSTD  # 16-bit values keep one frame for the whole plane
+    for size in (len(data) - 2, len(data) - 1):  # not a whole number of 32-bit values: one frame or raw
+        assert codec.encode(data[:size])[0] in (MODE_ZSTD, MODE_RAW)
+        assert codec.decode(codec.encode(data[:size]), size) == data[:size]
+
+
 def planes_payload(mode: int, high: bytes, low: bytes, tail: bytes = b"", size: int | None = None) -> bytes:
     size = len(high) if size is None else size
     return bytes([mode]) + size.to_bytes(4, "little") + high + low + tail
@@ -161,7 +181,7 @@ def test_planes_rejects_malformed_payloads() -> None:
     body_size = int.from_bytes(good[1:5], "little")
     frame, low, tail = good[5:5 + body_size], good[5 + body_size:-1], good[-1:]
     bad = [good[:-1], good + b"\0", good[:5], good[:4], b"", bytes(len(good)),
-           planes_payload(2, frame, low, tail),                                    # unknown mode
+           planes_payload(3, frame, low, tail),                                    # unknown mode
            planes_payload(MODE_RAW, frame, low, tail),                             # raw, but not half the size
            planes_payload(MODE_ZSTD, frame, low, tail, body_size + 1),             # lengths that do not add up
            planes_payload(MODE_ZSTD, frame[:-1], low + b"\0", tail),               # truncated frame
@@ -173,6 +193,26 @@ def test_planes_rejects_malformed_payloads() -> None:
     for wrong in (len(data) - 1, len(data) + 1, 0):
         with pytest.raises(CodecError):
             codec.decode(good, wrong)
+
+
+def test_planes_rejects_malformed_odd_byte_payloads() -> None:
+    codec, data = PlanesCodec(), kv_like32(1024)
+    good = codec.encode(data)
+    assert good[0] == MODE_ZSTD_ODD
+    quarter = len(data) // 4
+    body_size = int.from_bytes(good[1:5], "little")
+    even, frame, low = good[5:5 + quarter], good[5 + quarter:5 + body_size], good[5 + body_size:]
+    odd = split16(split16(data)[1])[1].tobytes()
+    bad = [planes_payload(MODE_ZSTD_ODD, even, low),                                   # no frame
+           planes_payload(MODE_ZSTD_ODD, even[:-1], frame + low[:1], low[1:]),         # no room for the even bytes
+           planes_payload(MODE_ZSTD_ODD, even, ZstdCodec(1).encode(odd + b"x"), low),  # frame one byte too long
+           planes_payload(MODE_ZSTD_ODD, even, ZstdCodec(1).encode(odd[:-1]), low),    # one byte too short
+           planes_payload(MODE_ZSTD_ODD, even, b"\0" * len(frame), low)]               # not a frame
+    for payload in bad:
+        with pytest.raises(CodecError):
+            codec.decode(payload, len(data))
+    with pytest.raises(CodecError, match="bad mode"):  # mode 2 needs whole 32-bit values (lengths add up here)
+        codec.decode(planes_payload(MODE_ZSTD_ODD, even + frame, low[:-1]), len(data) - 2)
 
 
 def test_planes_flipped_payload_never_decodes_to_another_length() -> None:
@@ -217,9 +257,11 @@ def test_zstd_decode_allocates_no_more_than_raw_size(with_size: bool) -> None:
     assert peak_bytes_while(decode) < 1 << 20
 
 
-def test_planes_decode_allocates_no_more_than_raw_size() -> None:
+@pytest.mark.parametrize("mode", [MODE_ZSTD, MODE_ZSTD_ODD])
+def test_planes_decode_allocates_no_more_than_raw_size(mode: int) -> None:
     raw_size = 8192
-    payload = planes_payload(MODE_ZSTD, zstd_bomb(64 << 20), bytes(raw_size // 2))
+    even = bytes(raw_size // 4) if mode == MODE_ZSTD_ODD else b""
+    payload = planes_payload(mode, even + zstd_bomb(64 << 20), bytes(raw_size // 2))
 
     def decode() -> None:
         with pytest.raises(CodecError):
