@@ -326,7 +326,11 @@ def main() -> int:
              "disk": [{"kind": "dram", "capacity": "64KiB"},
                       {"kind": "disk", "capacity": "4GiB", "path": str(tmp / "disk")}],
              "disk-none": [{"kind": "dram", "capacity": "64KiB"},
-                           {"kind": "disk", "capacity": "4GiB", "path": str(tmp / "none"), "codec": "none"}]}
+                           {"kind": "disk", "capacity": "4GiB", "path": str(tmp / "none"), "codec": "none"}],
+             # disk, with the threads that encode and write saves at the engine's priority (connector.save_nice)
+             "disk-nice0": [{"kind": "dram", "capacity": "64KiB"},
+                            {"kind": "disk", "capacity": "4GiB", "path": str(tmp / "nice0")}]}
+    connector = {"disk-nice0": {"save_nice": 0}}
     base = {"model": build_model(args.size), "length": args.length, "decode": args.decode_tokens}
     names = args.configs.split(",")
     if names[0] != "plain":
@@ -337,8 +341,9 @@ def main() -> int:
     if unknown:
         raise SystemExit(f"--configs: unknown {unknown} (expected plain, plain-b or one of {sorted(tiers)})")
     try:
-        engines = [EngineProcess(n, __file__, {**base, **({"kvtier": {"tiers": tiers[n]}} if n in tiers else {})},
-                                 env) for n in names]
+        kvtier = {n: {"tiers": t, **({"connector": connector[n]} if n in connector else {})} for n, t in tiers.items()}
+        engines = [EngineProcess(n, __file__, {**base, **({"kvtier": kvtier[n]} if n in tiers else {})}, env)
+                   for n in names]
         raw = run_interleaved(engines, args.reps, "rep", lambda r: f"hit {r['tier'] * 1000:.1f} ms")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # the disk tiers' files: ~1 GB per run

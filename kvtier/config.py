@@ -80,8 +80,9 @@ class ConnectorConfig:
     # buffers are not page-faulted in on every load and save (kvtier/hostmem.py); 0 leaves the allocator alone.
     keep_freed_memory: Size = bounded(Size(256 << 20), 0, MAX_SIZE)
     # Niceness added to the threads that store saved blocks (Linux): the forward's threads then preempt the
-    # stores' encoding and writing; saves land later while the engine is busy. 0 leaves them as they are.
-    save_nice: int = bounded(0, 0, 19)
+    # stores' encoding and writing, which move to the engine's idle time; saves land later while the engine is
+    # busy (a save that waits past max_pending_save_bytes is dropped: a future miss). 0 leaves them as they are.
+    save_nice: int = bounded(19, 0, 19)
 
 
 @dataclass(frozen=True)
