@@ -327,10 +327,13 @@ def main() -> int:
                       {"kind": "disk", "capacity": "4GiB", "path": str(tmp / "disk")}],
              "disk-none": [{"kind": "dram", "capacity": "64KiB"},
                            {"kind": "disk", "capacity": "4GiB", "path": str(tmp / "none"), "codec": "none"}],
-             # disk, with the threads that encode and write saves at the engine's priority (connector.save_nice)
+             # disk, with the threads that encode and write saves at the engine's priority (connector.save_idle
+             # false, save_nice 0), and at niceness 19 (the default before SCHED_IDLE)
              "disk-nice0": [{"kind": "dram", "capacity": "64KiB"},
-                            {"kind": "disk", "capacity": "4GiB", "path": str(tmp / "nice0")}]}
-    connector = {"disk-nice0": {"save_nice": 0}}
+                            {"kind": "disk", "capacity": "4GiB", "path": str(tmp / "nice0")}],
+             "disk-nice19": [{"kind": "dram", "capacity": "64KiB"},
+                             {"kind": "disk", "capacity": "4GiB", "path": str(tmp / "nice19")}]}
+    connector = {"disk-nice0": {"save_idle": False, "save_nice": 0}, "disk-nice19": {"save_idle": False}}
     base = {"model": build_model(args.size), "length": args.length, "decode": args.decode_tokens}
     names = args.configs.split(",")
     if names[0] != "plain":

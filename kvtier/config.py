@@ -83,6 +83,10 @@ class ConnectorConfig:
     # stores' encoding and writing, which move to the engine's idle time; saves land later while the engine is
     # busy (a save that waits past max_pending_save_bytes is dropped: a future miss). 0 leaves them as they are.
     save_nice: int = bounded(19, 0, 19)
+    # Run those threads under SCHED_IDLE (Linux; save_nice then no longer matters): a CPU that any other thread
+    # wants preempts them at once, so saves take only idle time; on a saturated CPU they wait longest (and are
+    # dropped first). False leaves them under save_nice.
+    save_idle: bool = True
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,12 @@ def lower_thread_priority(nice: int) -> None:
     os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + nice)
 
 
+def idle_thread_policy() -> None:
+    """Put the calling thread under SCHED_IDLE (Linux; only this thread): it runs when a CPU has nothing else to
+    run, and any other thread preempts it at once. Raises OSError (or AttributeError off Linux) when refused."""
+    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+
+
 def populate(address: int, length: int, chunk: int = 64 << 20, stop: threading.Event | None = None) -> bool:
     """Fault in the whole pages of ``[address, address + length)`` for writing, ``chunk`` bytes per call, without
     changing their contents (``madvise(MADV_POPULATE_WRITE)``), so the first writes there cost a copy, not a page

@@ -169,6 +169,21 @@ def test_save_nice_lowers_only_the_save_threads_priority(tmp_path: Path) -> None
     side.shutdown()
 
 
+def test_save_idle_puts_only_the_save_threads_under_sched_idle(tmp_path: Path) -> None:
+    """connector.save_idle: the stores run on idle CPU time only; the engine thread keeps its policy."""
+    import threading
+
+    def own_policy() -> int:
+        return os.sched_getscheduler(threading.get_native_id())
+
+    before = own_policy()
+    side = worker_over([{"kind": "dram", "capacity": "4MiB"}], save_idle=True)
+    future = side.saves.submit(own_policy)
+    assert future is not None and future.result(timeout=10) == os.SCHED_IDLE != before
+    assert own_policy() == before
+    side.shutdown()
+
+
 # ---- 12. reset ---------------------------------------------------------------------------------------------
 
 def test_reset_is_prompt_forgets_local_blocks_and_never_deletes_shared_ones(tmp_path: Path,

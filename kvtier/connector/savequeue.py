@@ -5,7 +5,7 @@ bytes held past ``max_bytes`` (the caller counts it as dropped: a dropped save i
 slow store (S3 at 1 MB/s under saves at 10 MB/s) cannot grow memory without bound. ``close`` waits at most
 its timeout, then cancels what is still queued; threads stuck in a network call are daemons and never hold
 up the engine's exit. ``nice`` lowers the threads' scheduling priority (Linux), so they give way to the
-engine's own threads.
+engine's own threads; ``idle`` puts them under SCHED_IDLE, so they run only on a CPU nothing else wants.
 """
 
 from __future__ import annotations
@@ -18,16 +18,18 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
-from kvtier.hostmem import lower_thread_priority
+from kvtier.hostmem import idle_thread_policy, lower_thread_priority
 
 _STOP = object()
 log = logging.getLogger(__name__)
 
 
 class SaveQueue:
-    def __init__(self, threads: int, max_bytes: int, name: str = "kvtier-save", nice: int = 0) -> None:
+    def __init__(self, threads: int, max_bytes: int, name: str = "kvtier-save", nice: int = 0,
+                 idle: bool = False) -> None:
         self.max_bytes = max_bytes
         self.nice = nice
+        self.idle = idle
         self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._held = 0
@@ -85,6 +87,11 @@ class SaveQueue:
                 lower_thread_priority(self.nice)
             except (AttributeError, OSError) as exc:
                 log.warning("kvtier: cannot lower the save threads' priority (connector.save_nice): %s", exc)
+        if self.idle:
+            try:
+                idle_thread_policy()
+            except (AttributeError, OSError) as exc:
+                log.warning("kvtier: cannot run the save threads under SCHED_IDLE (connector.save_idle): %s", exc)
         while True:
             job = self._jobs.get()
             if job is _STOP:

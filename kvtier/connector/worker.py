@@ -73,7 +73,8 @@ class WorkerSide:
         self._events: list[tuple[bytes, str | None]] = []
         self._events_lock = threading.Lock()
         threads = cfg.connector.transfer_threads
-        self.saves = SaveQueue(threads, cfg.connector.max_pending_save_bytes, nice=cfg.connector.save_nice)
+        self.saves = SaveQueue(threads, cfg.connector.max_pending_save_bytes, nice=cfg.connector.save_nice,
+                               idle=cfg.connector.save_idle)
         # Promotions after a lower-tier hit run with the saves, never on the request's path.
         self.stack = TierStack.from_config(cfg, on_change=self._on_change, background=self._background)
         self.layout: KVLayout | None = None
