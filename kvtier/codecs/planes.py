@@ -64,15 +64,18 @@ class PlanesCodec(Codec):
 
     def encode(self, data: bytes | memoryview) -> bytes:
         low, high, tail = (plane.data for plane in split16(data))
+        body: list[bytes | memoryview] = [high]  # what ZSTD does not shrink stays raw
+        mode = MODE_RAW
         if _alternates(np.frombuffer(high, np.uint8)):
             even, odd, _ = (plane.data for plane in split16(high))
             packed = self._zstd.encode(odd)
             if len(packed) < len(odd):
-                return b"".join((_HEAD.pack(MODE_ZSTD_ODD, len(even) + len(packed)), even, packed, low, tail))
-            return b"".join((_HEAD.pack(MODE_RAW, len(high)), high, low, tail))
-        packed = self._zstd.encode(high)
-        mode, body = (MODE_ZSTD, packed) if len(packed) < len(high) else (MODE_RAW, high)
-        return b"".join((_HEAD.pack(mode, len(body)), body, low, tail))
+                mode, body = MODE_ZSTD_ODD, [even, packed]
+        else:
+            packed = self._zstd.encode(high)
+            if len(packed) < len(high):
+                mode, body = MODE_ZSTD, [packed]
+        return b"".join((_HEAD.pack(mode, sum(map(len, body))), *body, low, tail))
 
     def decode(self, payload: bytes | memoryview, raw_size: int) -> memoryview:
         view = memoryview(payload).cast("B")
