@@ -298,6 +298,11 @@ def report(summary: dict[str, Any], args: argparse.Namespace, load: tuple[float,
     return "\n".join(lines) + "\n"
 
 
+def disk_only(path: Path, **disk: Any) -> list[dict[str, Any]]:
+    """Tiers whose DRAM tier is too small for one block, so every hit is read from the disk tier at ``path``."""
+    return [{"kind": "dram", "capacity": "64KiB"}, {"kind": "disk", "capacity": "4GiB", "path": str(path), **disk}]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -323,16 +328,12 @@ def main() -> int:
              "dram-cold": [{"kind": "dram", "capacity": "2GiB", "prefault": False},
                            {"kind": "disk", "capacity": "4GiB", "path": str(tmp / "dram-cold")}],
              # a DRAM tier too small for one block: every hit is read from disk (the page cache: warm)
-             "disk": [{"kind": "dram", "capacity": "64KiB"},
-                      {"kind": "disk", "capacity": "4GiB", "path": str(tmp / "disk")}],
-             "disk-none": [{"kind": "dram", "capacity": "64KiB"},
-                           {"kind": "disk", "capacity": "4GiB", "path": str(tmp / "none"), "codec": "none"}],
+             "disk": disk_only(tmp / "disk"),
+             "disk-none": disk_only(tmp / "none", codec="none"),
              # disk, with the threads that encode and write saves at the engine's priority (connector.save_idle
              # false, save_nice 0), and at niceness 19 (the default before SCHED_IDLE)
-             "disk-nice0": [{"kind": "dram", "capacity": "64KiB"},
-                            {"kind": "disk", "capacity": "4GiB", "path": str(tmp / "nice0")}],
-             "disk-nice19": [{"kind": "dram", "capacity": "64KiB"},
-                             {"kind": "disk", "capacity": "4GiB", "path": str(tmp / "nice19")}]}
+             "disk-nice0": disk_only(tmp / "nice0"),
+             "disk-nice19": disk_only(tmp / "nice19")}
     connector = {"disk-nice0": {"save_idle": False, "save_nice": 0}, "disk-nice19": {"save_idle": False}}
     base = {"model": build_model(args.size), "length": args.length, "decode": args.decode_tokens}
     names = args.configs.split(",")
