@@ -78,7 +78,7 @@ from kvtier_bench.procs import (
 
 
 # ---- worker process: one engine, commands on stdin ---------------------------------------------------------
-def _generate(llm: Any, tokens: list[int], max_tokens: int, hooks: list[float] | None = None,
+def _generate(llm: Any, tokens: list[int], max_tokens: int, hooks: Hooks | None = None,
               decode: list[tuple[float, float, float]] | None = None) -> list[float]:
     """Seconds from submission to each generated token, driving the engine one step at a time. ``decode`` gets,
     from the first token to the last: (CPU seconds of kvtier's threads, seconds the engine's other threads waited
@@ -97,9 +97,9 @@ def _generate(llm: Any, tokens: list[int], max_tokens: int, hooks: list[float] |
             now = time.perf_counter() - start
             stamps += [now] * (len(out.outputs[0].token_ids) - len(stamps))
             if decode is not None and first is None and stamps:
-                first = _sched(), hooks[0] if hooks is not None else 0.0  # once: /proc is not read every step
+                first = _sched(), hooks.total if hooks is not None else 0.0  # once: /proc is not read every step
     if decode is not None and first is not None:
-        decode.append((*_since(first[0]), hooks[0] - first[1] if hooks is not None else 0.0))
+        decode.append((*_since(first[0]), hooks.total - first[1] if hooks is not None else 0.0))
     return stamps
 
 
@@ -110,25 +110,57 @@ HOOKS = ("get_num_new_matched_tokens", "update_state_after_alloc", "get_external
          "build_connector_worker_meta", "get_kv_connector_stats", "handle_preemptions")
 
 
-def _time_hooks() -> list[float]:
-    """Wrap kvtier's connector methods so the seconds spent in them add up in the returned one-item list."""
+class Hooks:
+    """Seconds spent in kvtier's connector methods (``total``), of which in ``start_load_kv`` (``load``: a
+    synchronous load's fetch, verify and copy), and the worker-side connector (its counters)."""
+
+    def __init__(self) -> None:
+        self.total = 0.0
+        self.load = 0.0
+        self.connector: Any = None
+
+
+def _time_hooks() -> Hooks:
+    """Wrap kvtier's connector methods so the seconds spent in them add up in the returned ``Hooks``."""
     from kvtier.connector.connector import KVTierConnector
 
-    spent = [0.0]
+    spent = Hooks()
 
-    def timed(fn: Any) -> Any:
+    def timed(name: str, fn: Any) -> Any:
         @functools.wraps(fn)
-        def call(*args: Any, **kwargs: Any) -> Any:
+        def call(self: Any, *args: Any, **kwargs: Any) -> Any:
             start = time.perf_counter()
             try:
-                return fn(*args, **kwargs)
+                return fn(self, *args, **kwargs)
             finally:
-                spent[0] += time.perf_counter() - start
+                took = time.perf_counter() - start
+                spent.total += took
+                if name == "start_load_kv":
+                    spent.load += took
+                    spent.connector = self
         return call
 
     for name in HOOKS:
-        setattr(KVTierConnector, name, timed(getattr(KVTierConnector, name)))
+        setattr(KVTierConnector, name, timed(name, getattr(KVTierConnector, name)))
     return spent
+
+
+def _memory_floor(nbytes: int, reps: int = 5) -> float:
+    """Seconds this process takes, at best of ``reps``, to copy ``nbytes`` between two buffers it has touched
+    before and checksum the copy (xxh3, the records' default): what any load of that many bytes from memory
+    that verifies them costs at least on this machine (its memory bandwidth, not kvtier's code)."""
+    import numpy as np
+    import xxhash
+
+    src = np.ones(nbytes, dtype=np.uint8)
+    dst = np.zeros(nbytes, dtype=np.uint8)
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        np.copyto(dst, src)
+        xxhash.xxh3_64_intdigest(dst)
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 def _reset(llm: Any) -> None:
@@ -188,20 +220,25 @@ def _since(before: Sched) -> tuple[float, float]:
     return cpu / 1e9, wait / 1e9
 
 
-def _rep(llm: Any, length: int, rep: int, decode: int, hooks: list[float] | None = None) -> dict[str, float]:
+def _rep(llm: Any, length: int, rep: int, decode: int, hooks: Hooks | None = None) -> dict[str, float]:
     reused = prompt(10_000 + rep, length)
-    before, hooks_before = _sched(), hooks[0] if hooks is not None else 0.0
+    before, hooks_before = _sched(), hooks.total if hooks is not None else 0.0
     out = {"miss": _generate(llm, reused, 1)[0]}
     out["wait_miss"] = _since(before)[1]
     if hooks is not None:
-        out["hooks_miss"] = hooks[0] - hooks_before
+        out["hooks_miss"] = hooks.total - hooks_before
     time.sleep(0.3)  # background saves land (a load would wait for them anyway)
     if hooks is not None:
         out["threads_miss"] = _since(before)[0]
     out["resident"] = _generate(llm, reused, 1)[0]
     time.sleep(0.3)  # the same pause before the tier hit
     _reset(llm)
+    load_before = hooks.load if hooks is not None else 0.0
+    loaded_before = _loaded_bytes(hooks)
     out["tier"] = _generate(llm, reused, 1)[0]
+    if hooks is not None:  # the hit's load inside the engine, and the machine's floor for those bytes
+        out["load"] = hooks.load - load_before
+        out["floor"] = _memory_floor(_loaded_bytes(hooks) - loaded_before)
     steps: list[tuple[float, float, float]] = []
     stamps = _generate(llm, prompt(20_000 + rep, length), decode, hooks, steps)
     out["decode_ttft"] = stamps[0]
@@ -213,6 +250,11 @@ def _rep(llm: Any, length: int, rep: int, decode: int, hooks: list[float] | None
         out["threads_per_step"] = threads
     _reset(llm)
     return out
+
+
+def _loaded_bytes(hooks: Hooks | None) -> int:
+    snap = hooks.connector.snapshot() if hooks is not None and hooks.connector is not None else None
+    return int(snap["counters"].get("loaded_bytes", 0)) if snap else 0
 
 
 # ---- parent ------------------------------------------------------------------------------------------------
@@ -238,6 +280,10 @@ def summarise(raw: dict[str, list[dict[str, float]]], length: int, max_spread: f
         "hit_vs_resident": {name: paired(name, "tier", "resident") for name in kvtier},
         "hit_vs_own_resident": {name: geo_interval([r["tier"] / r["resident"] for r in raw[name]]) for name in kvtier},
         "hit_vs_recompute": {name: paired(name, "tier", "miss") for name in kvtier},
+        # the load against the machine's floor for its bytes, and the hit/resident ratio that floor allows at best
+        "load_vs_floor": {name: geo_interval([r["load"] / r["floor"] for r in raw[name]]) for name in kvtier},
+        "floor_hit_vs_resident": {name: geo_interval([1 + r["floor"] / p["resident"] for r, p in zip(raw[name], plain)])
+                                  for name in kvtier},
         "miss_overhead": {name: {"ttft": paired(name, "miss", "miss"), "decode_ttft": paired(name, "decode_ttft",
                                                                                              "decode_ttft"),
                                  "itl": paired(name, "itl", "itl")} for name in raw if name != "plain"},
@@ -295,6 +341,17 @@ def report(summary: dict[str, Any], args: argparse.Namespace, load: tuple[float,
                    "wall time they take from the engine on these two cores), measured inside the engine; the "
                    "cross-process columns also carry the offsets between engine processes (a control row, a second "
                    "plain engine, shows their size).")]
+    lines += ["", ("The hit's load inside the engine (kvtier's start_load_kv: fetch, verify, copy into vLLM's blocks) "
+                   "against the machine's floor for the same bytes (one copy between two buffers plus its xxh3 "
+                   "checksum, best of 5, in the same process right after the hit): the hit/resident ratio that floor "
+                   "allows is (resident + floor) / resident, whatever the code:"), "",
+              ("| configuration | load ms | floor ms | load / floor | hit / resident at the floor | hit / resident "
+               "measured |"), "|---|---|---|---|---|---|"]
+    for name, ratio in summary["load_vs_floor"].items():
+        med = m[name]
+        lines.append(f"| {name} | {med['load']} | {med['floor']} | {fmt_ratio(ratio)} | "
+                     f"{fmt_ratio(summary['floor_hit_vs_resident'][name])} | "
+                     f"{fmt_ratio(summary['hit_vs_resident'][name])} |")
     return "\n".join(lines) + "\n"
 
 

@@ -19,7 +19,8 @@ def _rep(scale: float, hooks: float | None = None) -> dict[str, float]:
     rep = {"miss": 1.5 * scale, "resident": 0.02 * (0.8 if hooks else 1), "tier": 0.02 * scale,
            "decode_ttft": 1.5 * scale, "itl": 0.015 * scale, "wait_miss": 0.004, "wait_per_step": 0.0001}
     if hooks is not None:  # kvtier's own time: hooks and threads in a miss and per decode step
-        rep.update(hooks_miss=0.003, threads_miss=0.012, hooks_per_step=hooks, threads_per_step=0.00005)
+        rep.update(hooks_miss=0.003, threads_miss=0.012, hooks_per_step=hooks, threads_per_step=0.00005,
+                   load=0.003 * scale, floor=0.002)
     return rep
 
 
@@ -42,6 +43,10 @@ def test_the_report_pairs_reps_and_shows_kvtiers_own_time() -> None:
     assert "| plain | 4.0 | 0.1 | – | – |" in text  # the engine's wait for a CPU; kvtier's extra wait: none here
     assert "| dram | 4.0 | 0.1 | 1.000x [1.000, 1.000] | 1.000x [1.000, 1.000] |" in text
     assert "plain included" in text
+    # the load against the machine's floor for its bytes: 3.6 ms / 2 ms; at the floor a hit is 1 + 2 ms / 20 ms
+    assert summary["load_vs_floor"]["dram"]["ratio"] == 1.8
+    assert summary["floor_hit_vs_resident"]["dram"]["ratio"] == 1.1
+    assert "| dram | 3.6 | 2.0 | 1.800x [1.800, 1.800] | 1.100x [1.100, 1.100] | 1.200x [1.200, 1.200] |" in text
 
 
 def test_a_second_plain_engine_is_a_control_with_only_its_cross_process_ratios() -> None:
