@@ -158,7 +158,7 @@ def _memory_floor(nbytes: int, reps: int = 5) -> float:
     for _ in range(reps):
         start = time.perf_counter()
         np.copyto(dst, src)
-        xxhash.xxh3_64_intdigest(dst)
+        xxhash.xxh3_64_intdigest(dst.data)
         best = min(best, time.perf_counter() - start)
     return best
 
