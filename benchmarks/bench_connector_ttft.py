@@ -38,6 +38,11 @@ What kvtier's threads actually take is measured too: the time every other thread
 kvtier's excluded) spent waiting for a CPU, from schedstat, during the miss and per decode step, against
 plain's in the same rep.
 
+How close to memory speed: each kvtier engine also times the tier hit's load (its ``start_load_kv``: fetch, verify,
+copy into vLLM's blocks) and, right after, the machine's floor for the same bytes in the same process (one copy
+between two buffers and its xxh3 checksum, best of 5). No load that verifies what it copies beats that floor, so
+(resident + floor) / resident is the best hit/resident ratio this machine allows; both are reported.
+
 Guard: the prefill rate (prompt tokens / miss TTFT) of every engine and rep is recorded. A run whose rates
 spread by more than ``--max-rate-spread`` (e.g. one engine's threads oversubscribed, or a busy machine) is
 marked invalid and exits 3; the OMP threads are bound to the cores this process may use (its affinity mask).
