@@ -53,7 +53,6 @@ Usage: python benchmarks/bench_connector_ttft.py [--size base] [--reps 8] [--out
 from __future__ import annotations
 
 import argparse
-import functools
 import itertools
 import json
 import os
@@ -61,11 +60,19 @@ import shutil
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
+from kvtier_bench.inengine import (
+    Hooks,
+    Sched,
+    loaded_bytes,
+    memory_floor,
+    sched,
+    since,
+    time_hooks,
+)
 from kvtier_bench.procs import (
     ALLOCATORS,
     BLOCK,
@@ -102,70 +109,10 @@ def _generate(llm: Any, tokens: list[int], max_tokens: int, hooks: Hooks | None 
             now = time.perf_counter() - start
             stamps += [now] * (len(out.outputs[0].token_ids) - len(stamps))
             if decode is not None and first is None and stamps:
-                first = _sched(), hooks.total if hooks is not None else 0.0  # once: /proc is not read every step
+                first = sched(), hooks.total if hooks is not None else 0.0  # once: /proc is not read every step
     if decode is not None and first is not None:
-        decode.append((*_since(first[0]), hooks.total - first[1] if hooks is not None else 0.0))
+        decode.append((*since(first[0]), hooks.total - first[1] if hooks is not None else 0.0))
     return stamps
-
-
-# Every connector method vLLM calls while requests run (scheduler and worker side; the engine is in-process).
-HOOKS = ("get_num_new_matched_tokens", "update_state_after_alloc", "get_external_cache_hit_sources",
-         "build_connector_meta", "update_connector_output", "request_finished", "start_load_kv",
-         "wait_for_layer_load", "save_kv_layer", "wait_for_save", "get_finished", "get_block_ids_with_load_errors",
-         "build_connector_worker_meta", "get_kv_connector_stats", "handle_preemptions")
-
-
-class Hooks:
-    """Seconds spent in kvtier's connector methods (``total``), of which in ``start_load_kv`` (``load``: a
-    synchronous load's fetch, verify and copy), and the worker-side connector (its counters)."""
-
-    def __init__(self) -> None:
-        self.total = 0.0
-        self.load = 0.0
-        self.connector: Any = None
-
-
-def _time_hooks() -> Hooks:
-    """Wrap kvtier's connector methods so the seconds spent in them add up in the returned ``Hooks``."""
-    from kvtier.connector.connector import KVTierConnector
-
-    spent = Hooks()
-
-    def timed(name: str, fn: Any) -> Any:
-        @functools.wraps(fn)
-        def call(self: Any, *args: Any, **kwargs: Any) -> Any:
-            start = time.perf_counter()
-            try:
-                return fn(self, *args, **kwargs)
-            finally:
-                took = time.perf_counter() - start
-                spent.total += took
-                if name == "start_load_kv":
-                    spent.load += took
-                    spent.connector = self
-        return call
-
-    for name in HOOKS:
-        setattr(KVTierConnector, name, timed(name, getattr(KVTierConnector, name)))
-    return spent
-
-
-def _memory_floor(nbytes: int, reps: int = 5) -> float:
-    """Seconds this process takes, at best of ``reps``, to copy ``nbytes`` between two buffers it has touched
-    before and checksum the copy (xxh3, the records' default): what any load of that many bytes from memory
-    that verifies them costs at least on this machine (its memory bandwidth, not kvtier's code)."""
-    import numpy as np
-    import xxhash
-
-    src = np.ones(nbytes, dtype=np.uint8)
-    dst = np.zeros(nbytes, dtype=np.uint8)
-    best = float("inf")
-    for _ in range(reps):
-        start = time.perf_counter()
-        np.copyto(dst, src)
-        xxhash.xxh3_64_intdigest(dst.data)
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def _reset(llm: Any) -> None:
@@ -190,7 +137,7 @@ def worker(spec: dict[str, Any]) -> None:
                                                         kv_connector_extra_config=spec["kvtier"])
     llm = LLM(model=spec["model"], dtype=compute_dtype(), max_model_len=4096, enforce_eager=True, seed=0,
               block_size=BLOCK, **kwargs)
-    hooks = _time_hooks() if spec.get("kvtier") else None
+    hooks = time_hooks() if spec.get("kvtier") else None
     wait_for_startup_work()
     _rep(llm, spec["length"], -1, spec["decode"], hooks)  # warm-up: a whole rep (allocator, pools, files) first
     print("READY", flush=True)
@@ -198,52 +145,25 @@ def worker(spec: dict[str, Any]) -> None:
         print("RESULT " + json.dumps(_rep(llm, spec["length"], int(line), spec["decode"], hooks)), flush=True)
 
 
-Sched = tuple[dict[int, tuple[int, int]], set[int]]
-
-
-def _sched() -> Sched:
-    """(CPU ns, ns spent waiting for a CPU) so far of every thread of this process, by thread id (from
-    /proc/self/task/<tid>/schedstat), and the ids of kvtier's threads (named kvtier-*)."""
-    kvtier = {t.native_id for t in threading.enumerate() if t.name.startswith("kvtier") and t.native_id is not None}
-    times: dict[int, tuple[int, int]] = {}
-    for task in Path("/proc/self/task").iterdir():
-        try:
-            cpu, wait = task.joinpath("schedstat").read_text().split()[:2]
-            times[int(task.name)] = (int(cpu), int(wait))
-        except (OSError, ValueError):  # the thread just ended, or no schedstat
-            pass
-    return times, kvtier
-
-
-def _since(before: Sched) -> tuple[float, float]:
-    """Since ``before``: (CPU seconds kvtier's threads used, seconds the engine's other threads waited for a
-    CPU). Threads started since count from zero."""
-    now, kvtier = _sched()
-    old = before[0]
-    cpu = sum(c - old.get(tid, (0, 0))[0] for tid, (c, _) in now.items() if tid in kvtier)
-    wait = sum(w - old.get(tid, (0, 0))[1] for tid, (_, w) in now.items() if tid not in kvtier)
-    return cpu / 1e9, wait / 1e9
-
-
 def _rep(llm: Any, length: int, rep: int, decode: int, hooks: Hooks | None = None) -> dict[str, float]:
     reused = prompt(10_000 + rep, length)
-    before, hooks_before = _sched(), hooks.total if hooks is not None else 0.0
+    before, hooks_before = sched(), hooks.total if hooks is not None else 0.0
     out = {"miss": _generate(llm, reused, 1)[0]}
-    out["wait_miss"] = _since(before)[1]
+    out["wait_miss"] = since(before)[1]
     if hooks is not None:
         out["hooks_miss"] = hooks.total - hooks_before
     time.sleep(0.3)  # background saves land (a load would wait for them anyway)
     if hooks is not None:
-        out["threads_miss"] = _since(before)[0]
+        out["threads_miss"] = since(before)[0]
     out["resident"] = _generate(llm, reused, 1)[0]
     time.sleep(0.3)  # the same pause before the tier hit
     _reset(llm)
     load_before = hooks.load if hooks is not None else 0.0
-    loaded_before = _loaded_bytes(hooks)
+    loaded_before = loaded_bytes(hooks)
     out["tier"] = _generate(llm, reused, 1)[0]
     if hooks is not None:  # the hit's load inside the engine, and the machine's floor for those bytes
         out["load"] = hooks.load - load_before
-        out["floor"] = _memory_floor(_loaded_bytes(hooks) - loaded_before)
+        out["floor"] = memory_floor(loaded_bytes(hooks) - loaded_before)
     steps: list[tuple[float, float, float]] = []
     stamps = _generate(llm, prompt(20_000 + rep, length), decode, hooks, steps)
     out["decode_ttft"] = stamps[0]
@@ -255,11 +175,6 @@ def _rep(llm: Any, length: int, rep: int, decode: int, hooks: Hooks | None = Non
         out["threads_per_step"] = threads
     _reset(llm)
     return out
-
-
-def _loaded_bytes(hooks: Hooks | None) -> int:
-    snap = hooks.connector.snapshot() if hooks is not None and hooks.connector is not None else None
-    return int(snap["counters"].get("loaded_bytes", 0)) if snap else 0
 
 
 # ---- parent ------------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import bench_connector_ttft as bench
+from kvtier_bench.inengine import sched, since
 
 
 def _rep(scale: float, hooks: float | None = None) -> dict[str, float]:
@@ -76,14 +77,14 @@ def test_sched_splits_kvtiers_cpu_from_the_other_threads_wait() -> None:
             hashlib.sha256(data)  # releases the GIL: the threads really compete for the cores, not for the GIL
         done.wait()  # alive while measured
 
-    before = bench._sched()
+    before = sched()
     # three busy threads on at most two cores: someone waits for a CPU
     threads = [threading.Thread(target=burn, args=(0.3,), name=f"engine-side-{i}") for i in range(2)]
     threads.append(threading.Thread(target=burn, args=(0.1,), name="kvtier-test"))
     for thread in threads:
         thread.start()
     time.sleep(0.8)
-    cpu, wait = bench._since(before)
+    cpu, wait = since(before)
     done.set()
     for thread in threads:
         thread.join()
