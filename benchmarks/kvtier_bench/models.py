@@ -90,6 +90,14 @@ def kv_bytes_per_token(model_dir: str, dtype_bytes: int = 2) -> int:
     return int(2 * cfg["num_hidden_layers"] * kv_heads * head_dim * dtype_bytes)
 
 
+def kv_bytes_per_token_of(model: str, dtype_bytes: int = 2) -> int:
+    """``kv_bytes_per_token`` of a size name (from its spec, nothing built) or of a model directory."""
+    spec = SIZES.get(model)
+    if spec is None:
+        return kv_bytes_per_token(model, dtype_bytes)
+    return 2 * spec.num_hidden_layers * spec.num_key_value_heads * spec.head_dim * dtype_bytes
+
+
 def model_dir_name(size: str) -> str:
     return f"llama-{size}-v{MODEL_VERSION}"
 

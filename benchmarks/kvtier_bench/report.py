@@ -43,7 +43,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"# kvtier multi-turn chat benchmark: preset `{s['preset']}`",
         "",
         f"Command: `{report['command']}`  ",
-        (f"Model: `{s['model']}`; {w['conversations']} conversations x {w['turns']} turns "
+        (f"Model: `{report.get('model', s['model'])}`; {w['conversations']} conversations x {w['turns']} turns "
          f"({report['workload']['requests']} requests), system prompt {w['system_tokens']} tokens (shared), "
          f"document {w['document_tokens']}, question {w['question_tokens']}, answer {w['answer_tokens']} tokens; "
          f"arrivals {w['arrival_rate']}/s (Poisson), think time {w['think_time_s']} s; seed {w['seed']}; "

@@ -6,6 +6,9 @@ name), ``long`` (one history past 32k tokens), ``large``. A settings file looks 
 
     preset: quick
     model: tiny                  # tiny | small | base (built locally by kvtier_bench.models) or a model directory
+    float32_model: null          # where the models run in float32 (no native bf16): this model instead, e.g. a
+                                 # smaller one that costs there what ``model`` costs in bf16; the byte sizes below
+                                 # (given for ``model`` at 16 bits) are scaled to hold the same tokens
     workload:
       conversations: 4           # concurrent users
       turns: 3                   # user turns per conversation
@@ -63,9 +66,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     # an LZ4 disk tier. Three interleaved rounds; about 8.5 minutes on 2 cores. (Measured before: 8 users over a
     # 40 MiB KV space that held two running requests: every kvtier request queued for KV blocks, 4-5x the
     # reference's TTFT; arrivals at 2/s: the first turns' cold prefills saturated the engine and the second turns
-    # queued behind them, ~7x.)
+    # queued behind them, ~7x.) Where the models run in float32 (no native bf16) the 26M model prefills ~5x slower
+    # (2.1k tokens: 2.7 s on an AVX2-only 2-core EPYC against ~0.54 s with native bf16) and the preset outran the
+    # machine (every configuration queued, 26 minutes a run); the 5M model prefills those tokens there in ~0.56 s,
+    # so it stands in (float32_model), with the sizes scaled to hold the same tokens.
     "chat": {
         "model": "small",
+        "float32_model": "tiny",
         "workload": {"conversations": 16, "turns": 4, "system_tokens": 256, "document_tokens": 1792,
                      "question_tokens": 96, "answer_tokens": 16, "arrival_rate": 1.0, "think_time_s": 3.5,
                      "seed": 0, "trace": None},
@@ -83,6 +90,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # A smoke test in a couple of minutes: the tiny model, short histories (kvtier's gains are small here).
     "quick": {
         "model": "tiny",
+        "float32_model": None,
         "workload": {"conversations": 4, "turns": 3, "system_tokens": 384, "document_tokens": 256,
                      "question_tokens": 48, "answer_tokens": 32, "arrival_rate": 0.5, "think_time_s": 1.0,
                      "seed": 0, "trace": None},
@@ -101,6 +109,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # turn, where a recompute hurts most. Reports TTFT of the last turns and the bytes kvtier moved.
     "long": {
         "model": "tiny-32k",
+        "float32_model": None,
         "workload": {"conversations": 2, "turns": 4, "system_tokens": 512, "document_tokens": 29184,
                      "question_tokens": 512, "answer_tokens": 64, "arrival_rate": 0.0, "think_time_s": 1.0,
                      "seed": 0, "trace": None},
@@ -117,6 +126,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     "large": {
         "model": "small",
+        "float32_model": None,
         "workload": {"conversations": 16, "turns": 6, "system_tokens": 512, "document_tokens": 1024,
                      "question_tokens": 64, "answer_tokens": 64, "arrival_rate": 0.5, "think_time_s": 3.0,
                      "seed": 0, "trace": None},
@@ -181,6 +191,7 @@ class BenchSettings:
     timeout_s: float
     pause_idle: bool = True  # stop the other engines while one is measured
     allocator: str = "kvtier"  # kvtier_bench.procs.ALLOCATORS: every engine's glibc allocator settings
+    float32_model: str | None = None  # runs instead of ``model`` where the models run in float32
 
     def to_dict(self) -> dict[str, Any]:
         from dataclasses import asdict
@@ -202,9 +213,14 @@ def load_settings(preset: str = DEFAULT_PRESET, path: str | None = None,
         preset = data.pop("preset", preset)
     if preset not in PRESETS:
         raise ConfigError(f"preset: unknown preset {preset!r} (expected one of {sorted(PRESETS)})")
-    merged = _merge(copy.deepcopy(PRESETS[preset]), data, "")
-    merged = _merge(merged, overrides or {}, "")
+    merged = _merge(copy.deepcopy(PRESETS[preset]), _own_model(data), "")
+    merged = _merge(merged, _own_model(overrides or {}), "")
     return _build(preset, merged)
+
+
+def _own_model(layer: dict[str, Any]) -> dict[str, Any]:
+    """A layer that names its own ``model`` runs it everywhere unless it also names a ``float32_model``."""
+    return {"float32_model": None, **layer} if "model" in layer else layer
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any], path: str) -> dict[str, Any]:
@@ -253,9 +269,13 @@ def _build(preset: str, d: dict[str, Any]) -> BenchSettings:
             raise ConfigError(f"policies: unknown policy {p!r} (expected some of: {', '.join(POLICIES)})")
     if d["allocator"] not in ALLOCATORS:
         raise ConfigError(f"allocator: expected one of {', '.join(sorted(ALLOCATORS))}, got {d['allocator']!r}")
+    stand_in = d["float32_model"]
+    if stand_in is not None and (not isinstance(stand_in, str) or not stand_in):
+        raise ConfigError(f"float32_model: expected a model name or directory, or null, got {stand_in!r}")
     return BenchSettings(preset, str(d["model"]), workload, engine, tiers, configs, policies,
                          _int(d["rounds"], "rounds", 1), _int(d["parallel_starts"], "parallel_starts", 1),
-                         _float(d["timeout_s"], "timeout_s"), bool(d["pause_idle"]), str(d["allocator"]))
+                         _float(d["timeout_s"], "timeout_s"), bool(d["pause_idle"]), str(d["allocator"]),
+                         stand_in)
 
 
 def _int(value: Any, path: str, minimum: int) -> int:
