@@ -250,6 +250,30 @@ def test_disk_o_direct_writes_exact_sizes(tmp_path: Path, caplog: pytest.LogCapt
     assert len([r for r in caplog.records if "O_DIRECT" in r.message]) <= 1  # warns at most once
 
 
+
+@pytest.mark.parametrize("o_direct", [False, True])
+def test_disk_writes_a_large_record_in_bounded_pieces(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      o_direct: bool) -> None:
+    """A save thread's write() holds the CPU until it returns on kernels without preemption: a record goes to its
+    file in pieces of at most WRITE_PIECE bytes, and reads back whole."""
+    from kvtier.tiers import disk as disk_module
+
+    tier = disk(tmp_path, capacity=64 << 20, codec="none", o_direct=o_direct)
+    sizes: list[int] = []
+    real_write = os.write
+
+    def write(fd: int, data: bytes | memoryview) -> int:
+        sizes.append(len(data))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(disk_module.os, "write", write)
+    key = make_key("large")
+    record = make_record(key, 5 * disk_module.WRITE_PIECE + 1234)
+    tier.put(key, record)
+    assert len(sizes) >= 6 and max(sizes) <= disk_module.WRITE_PIECE
+    assert tier.get(key) == record
+
+
 # ---- DRAM scenarios ------------------------------------------------------------------------------------
 
 def test_dram_pool_is_allocated_once_and_pages_are_reused() -> None:

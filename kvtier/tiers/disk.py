@@ -40,6 +40,10 @@ FREE_MARGIN_BYTES = 256 * 1024 * 1024  # keep this much of the filesystem free .
 FREE_MARGIN_FRACTION = 0.05  # ... or this fraction of it on small filesystems, whichever is smaller
 STALE_TMP_S = 600.0  # a temp file this old belongs to no write in flight (a crash left it)
 _ALIGN = 4096
+# The most one write() takes: a kernel without preemption (PREEMPT_NONE, common on servers and VMs) keeps the CPU
+# in a syscall until it returns, even for a SCHED_IDLE save thread: beside 3 MiB writes a thread woken on that CPU
+# ran 0.3 ms late at p90 and 0.7 ms at p99, beside 256 KiB ones 0.14 / 0.24 ms (nothing running: 0.07 / 0.1 ms).
+WRITE_PIECE = 256 * 1024
 _HEX = frozenset("0123456789abcdef")
 
 
@@ -336,9 +340,10 @@ def _read_all(fd: int, size: int) -> bytes:
 
 
 def _write_all(fd: int, data: memoryview) -> None:
+    """All of ``data``, at most WRITE_PIECE (a multiple of the O_DIRECT alignment) per syscall."""
     done = 0
     while done < len(data):
-        done += os.write(fd, data[done:])
+        done += os.write(fd, data[done:done + WRITE_PIECE])
 
 
 def _fsync_dir(directory: Path) -> None:
