@@ -83,10 +83,15 @@ def size_scale(settings: BenchSettings) -> float:
     return kv_bytes_per_token_of(run, 2 * kv_scale()) / kv_bytes_per_token_of(settings.model, 2)
 
 
+def kv_space_bytes(settings: BenchSettings) -> int:
+    """vLLM's (small) KV space of every configuration but the reference, on this machine."""
+    return int(settings.engine.kv_cache_bytes * size_scale(settings))
+
+
 def build_configs(settings: BenchSettings, work_dir: Path, s3: dict[str, str] | None) -> list[RunConfig]:
     """The reference first, then the requested configurations in a fixed order."""
     x = size_scale(settings)  # the settings' sizes are for ``model`` with 16-bit KV: same tokens on this machine
-    kv, tiers = int(settings.engine.kv_cache_bytes * x), scaled_tiers(settings.tiers, x)
+    kv, tiers = kv_space_bytes(settings), scaled_tiers(settings.tiers, x)
     out = [RunConfig(REFERENCE, "vLLM prefix cache, KV space large enough to never evict (correctness reference)",
                      kv_cache_bytes=int(settings.engine.reference_kv_cache_bytes * x))]
     wanted = set(settings.configs)

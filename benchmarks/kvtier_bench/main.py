@@ -26,7 +26,8 @@ from typing import Any
 
 from kvtier_bench import runner
 from kvtier_bench.compare import compare
-from kvtier_bench.configs import REFERENCE, RunConfig, build_configs, driver_spec, engine_model, size_scale
+from kvtier_bench.configs import (REFERENCE, RunConfig, build_configs, driver_spec, engine_model, kv_space_bytes,
+                                  size_scale)
 from kvtier_bench.endpoint.cli import add_arguments as add_endpoint_arguments
 from kvtier_bench.procs import compute_dtype, kv_scale
 from kvtier_bench.report import markdown, plots
@@ -211,7 +212,7 @@ def main(argv: list[str]) -> int:
     per_token = kv_bytes_per_token(model_dir, 2 * kv_scale())
     info = {"requests": workload.num_requests, "working_set_tokens": working_set_tokens(workload),
             "kv_bytes_per_token": per_token,
-            "kv_space_tokens": int(settings.engine.kv_cache_bytes * size_scale(settings)) // per_token}
+            "kv_space_tokens": kv_space_bytes(settings) // per_token}
     report = build_report(settings, configs, results, info, model_dir, argv, run_dir)
     failed = [r["name"] for r in report["results"]
               if r["status"] == "failed" or (r.get("check") and not r["check"]["passed"])]

@@ -87,7 +87,7 @@ def kv_bytes_per_token(model_dir: str, dtype_bytes: int = 2) -> int:
     cfg = json.loads((Path(model_dir) / "config.json").read_text())
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
     kv_heads = cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
-    return int(2 * cfg["num_hidden_layers"] * kv_heads * head_dim * dtype_bytes)
+    return _kv_bytes(int(cfg["num_hidden_layers"]), int(kv_heads), int(head_dim), dtype_bytes)
 
 
 def kv_bytes_per_token_of(model: str, dtype_bytes: int = 2) -> int:
@@ -95,7 +95,11 @@ def kv_bytes_per_token_of(model: str, dtype_bytes: int = 2) -> int:
     spec = SIZES.get(model)
     if spec is None:
         return kv_bytes_per_token(model, dtype_bytes)
-    return 2 * spec.num_hidden_layers * spec.num_key_value_heads * spec.head_dim * dtype_bytes
+    return _kv_bytes(spec.num_hidden_layers, spec.num_key_value_heads, spec.head_dim, dtype_bytes)
+
+
+def _kv_bytes(layers: int, kv_heads: int, head_dim: int, dtype_bytes: int) -> int:
+    return 2 * layers * kv_heads * head_dim * dtype_bytes  # keys and values in every layer
 
 
 def model_dir_name(size: str) -> str:
