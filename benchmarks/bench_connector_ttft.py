@@ -15,6 +15,8 @@ have landed by then, so a kvtier engine's resident hit is vLLM's own with nothin
 resident hit ran right after the miss, whose KV was still in the L3 cache, and the tier hit after the pause.
   decode    another fresh prompt generating --decode-tokens tokens, one engine step at a time: TTFT and the
             median gap between tokens (ITL)
+  drain     kvtier's saves still in flight (the decode prompt's) land before the rep ends; the engine is stopped
+            between its reps, and until 2026-12-02 they ran on into its next rep's miss (and its figures)
 Ratios are paired by rep (same prompts, same moment) and summarised as the geometric mean with a 95% bootstrap
 interval over reps.
 
@@ -67,6 +69,7 @@ from typing import Any
 from kvtier_bench.inengine import (
     Hooks,
     Sched,
+    drain,
     loaded_bytes,
     memory_floor,
     sched,
@@ -174,6 +177,7 @@ def _rep(llm: Any, length: int, rep: int, decode: int, hooks: Hooks | None = Non
         out["hooks_per_step"] = spent
         out["threads_per_step"] = threads
     _reset(llm)
+    drain(hooks)  # the decode prompt's saves land now, not inside this engine's next rep
     return out
 
 
@@ -299,6 +303,7 @@ def main() -> int:
     from kvtier_bench.models import build_model
 
     tmp = Path(tempfile.mkdtemp(prefix="kvtier-ttft-"))
+    shm = Path(tempfile.mkdtemp(prefix="kvtier-ttft-", dir="/dev/shm")) if Path("/dev/shm").is_dir() else tmp
     tiers = {"dram": [{"kind": "dram", "capacity": "2GiB"},
                       {"kind": "disk", "capacity": "4GiB", "path": str(tmp / "dram")}],
              # the DRAM tier without its pool faulted in ahead (prefault: false): each save faults its pages in
@@ -307,6 +312,9 @@ def main() -> int:
              # a DRAM tier too small for one block: every hit is read from disk (the page cache: warm)
              "disk": disk_only(tmp / "disk"),
              "disk-none": disk_only(tmp / "none", codec="none"),
+             # the same on a tmpfs (/dev/shm): the page cache without a filesystem's block allocation, journal
+             # and writeback under it (a control for what the disk tier's saves cost the engine)
+             "disk-none-shm": disk_only(shm / "none", codec="none"),
              # disk, with the threads that encode and write saves at the engine's priority (connector.save_idle
              # false, save_nice 0), and at niceness 19 (the default before SCHED_IDLE)
              "disk-nice0": disk_only(tmp / "nice0"),
@@ -328,6 +336,7 @@ def main() -> int:
         raw = run_interleaved(engines, args.reps, "rep", lambda r: f"hit {r['tier'] * 1000:.1f} ms")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # the disk tiers' files: ~1 GB per run
+        shutil.rmtree(shm, ignore_errors=True)
     summary = summarise(raw, args.length, args.max_rate_spread)
     text = report(summary, args, (load_before, os.getloadavg()[0]))
     print(text)

@@ -99,6 +99,12 @@ def since(before: Sched) -> tuple[float, float]:
     return cpu / 1e9, wait / 1e9
 
 
+def drain(hooks: Hooks | None, timeout_s: float = 60.0) -> None:
+    """Wait for kvtier's saves still in flight, so that they do not run into what is measured next."""
+    if hooks is not None and hooks.connector is not None and not hooks.connector.drain(timeout_s):
+        raise RuntimeError(f"kvtier's saves did not finish within {timeout_s} s")
+
+
 def loaded_bytes(hooks: Hooks | None) -> int:
     snap = hooks.connector.snapshot() if hooks is not None and hooks.connector is not None else None
     return int(snap["counters"].get("loaded_bytes", 0)) if snap else 0

@@ -166,6 +166,11 @@ class KVTierConnector(KVConnectorBase_V1):
     def build_connector_worker_meta(self) -> Any:
         return self._worker.build_worker_meta() if self._worker is not None else None
 
+    def drain(self, timeout: float | None = None) -> bool:
+        """Wait for this worker's saves in flight (copies, stores, promotions); False when ``timeout`` ran out
+        first. True at once on the scheduler side, which saves nothing."""
+        return self._worker.drain(timeout) if self._worker is not None else True
+
     def snapshot(self) -> dict[str, Any] | None:
         """The worker's cumulative counters and tier usage (None on the scheduler side)."""
         return self._worker.snapshot() if self._worker is not None else None
