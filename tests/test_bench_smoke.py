@@ -27,7 +27,7 @@ preset: small
 workload: {conversations: 2, turns: 2, answer_tokens: 32}
 engine: {kv_cache_bytes: 2MiB, max_model_len: 896}
 configs: [kvtier-dram, lmcache]
-rounds: 1
+rounds: 2
 timeout_s: 600
 """
 
@@ -129,13 +129,13 @@ def test_every_configuration_has_metrics(report: tuple[dict, Path, subprocess.Co
         if row["status"] != "ok":
             continue
         m = row["summary"]
-        assert m["requests"] == 4
+        assert m["requests"] == 8  # two rounds of 4
         assert set(m["ttft_ms"]) == {"p50", "p90", "p99", "mean"} and m["ttft_ms"]["p50"] > 0
-        assert set(m["ttft_by_turn_ms"]) == {"0", "1"} and all(t["n"] == 2 for t in m["ttft_by_turn_ms"].values())
+        assert set(m["ttft_by_turn_ms"]) == {"0", "1"} and all(t["n"] == 4 for t in m["ttft_by_turn_ms"].values())
         assert m["itl_ms"]["p50"] > 0 and m["e2e_ms"]["p50"] >= m["ttft_ms"]["p50"] * 0.5
         assert m["requests_per_s"] > 0 and m["output_tokens_per_s"] > 0 and m["peak_rss_bytes"] > 0
-        assert m["rounds"] == 1 and len(row["rounds"]) == 1 and len(row["check_requests"]) == 4
-        for req in row["rounds"][0]["requests"]:
+        assert m["rounds"] == 2 and len(row["rounds"]) == 2 and len(row["check_requests"]) == 4
+        for req in row["rounds"][0]["requests"] + row["rounds"][1]["requests"]:
             assert len(req["output"]) == 32 and req["token_s"] == sorted(req["token_s"])
             assert req["token_s"][0] > req["arrival_s"]
         assert sum(m["hit_tokens_by_tier"].values()) == m["cached_tokens"]
@@ -148,6 +148,11 @@ def test_every_configuration_has_metrics(report: tuple[dict, Path, subprocess.Co
     assert kv["saved_bytes"] > 0 and kv["load_failed_blocks"] == 0 and "dram" in kv["usage"]
     # Turn 1 re-uses the history: the second turn of each conversation hits.
     assert rows["kvtier-dram"]["summary"]["hit_rate_by_turn"]["1"] > 0.5
+    # The second round began with kvtier's tiers emptied (its clear and the deletes done before the round, not
+    # inside it), and its first request found nothing to reuse anywhere.
+    second = rows["kvtier-dram"]["rounds"][1]
+    assert second["kvtier_blocks_at_start"] and not any(second["kvtier_blocks_at_start"].values()), second
+    assert min(second["requests"], key=lambda r: r["arrival_s"])["num_cached_tokens"] == 0
 
 
 @pytest.mark.e2e

@@ -208,11 +208,41 @@ def reset_caches(llm: Any) -> None:
     raise RuntimeError("reset_prefix_cache kept failing")
 
 
-def timed_round(llm: Any, workload: Workload, index: int, stats_file: str | None) -> dict[str, Any]:
+def _local_connector() -> Any:
+    """The worker-side connector in this process (the engine core in-process), or None."""
+    from vllm.distributed.kv_transfer import (
+        get_kv_transfer_group,
+        has_kv_transfer_group,
+    )
+
+    return get_kv_transfer_group() if has_kv_transfer_group() else None
+
+
+def settle(llm: Any, block_size: int, name: str, timeout_s: float = 120.0) -> dict[str, int] | None:
+    """After ``reset_caches``: one request shorter than a block carries kvtier's clear to its worker (it is
+    sent with the next step's metadata), then this process waits for the worker's background work, which now
+    includes deleting the previous round's files (a disk tier: ~1,400 unlinks, ~0.7 s on ext4 here), so that
+    it does not run inside the timed round. Returns the blocks each tier holds then (None without a connector
+    in this process: an engine core in its own process, whose clear then finishes in the background)."""
+    generate_one(llm.llm_engine, name, [7 + (i * 31) % 3000 for i in range(block_size - 1)], 1)
+    connector = _local_connector()
+    if connector is None or not hasattr(connector, "drain"):
+        return None
+    if not connector.drain(timeout_s):
+        raise RuntimeError(f"the connector's background work did not finish within {timeout_s} s")
+    usage = (connector.snapshot() or {}).get("usage", {})
+    return {tier: int(u["blocks"]) for tier, u in usage.items()}
+
+
+def timed_round(llm: Any, workload: Workload, index: int, stats_file: str | None, block_size: int) -> dict[str, Any]:
+    held = None
     if index > 0:
         reset_caches(llm)
+        held = settle(llm, block_size, f"settle-{index}")
     time.sleep(0.2)
     out: dict[str, Any] = {"kvtier_before": read_stats(stats_file), "loadavg_before": os.getloadavg()}
+    if held is not None:
+        out["kvtier_blocks_at_start"] = held  # what kvtier's tiers held when the round began (none: cleared)
     begin = time.perf_counter()
     out["requests"], out["queue"] = replay(llm.llm_engine, workload)
     out["wall_s"] = round(time.perf_counter() - begin, 3)
@@ -239,7 +269,8 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     for line in sys.stdin:  # EOF (the runner went away) ends the loop like "quit"
         command = line.strip()
         if command == "run":
-            result["rounds"].append(timed_round(llm, workload, len(result["rounds"]), stats_file))
+            result["rounds"].append(timed_round(llm, workload, len(result["rounds"]), stats_file,
+                                                spec["engine"]["block_size"]))
         elif command == "check":
             result["check_requests"] = check_pass(llm, workload)
         elif command == "quit":
