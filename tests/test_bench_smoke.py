@@ -111,6 +111,8 @@ def test_runs_and_writes_table_and_plots(report: tuple[dict, Path, subprocess.Co
     table = (out / "results.md").read_text()
     assert "| config | TTFT p50 ms per round: median (min–max) | TTFT p50 / p90 / p99 ms" in table
     assert "| kvtier-dram |" in table and "TTFT vs reference" in table
+    ran = data["kv_cache_bytes"]  # the KV spaces the engines ran with, which the header states
+    assert f"vLLM KV space {ran['kvtier-dram'] / 2**20:.1f} MiB (reference: {ran['reference'] / 2**20:.1f} MiB" in table
     assert "| all turns, per round | steps leaving requests queued (most queued) |" in table
     for png in ("ttft_by_turn.png", "hits_by_tier.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -262,6 +262,7 @@ def build_report(settings: BenchSettings, configs: list[RunConfig], results: dic
         "git": _git_state(),
         "model": engine_model(settings),
         "model_dir": model_dir,
+        "kv_cache_bytes": {cfg.name: cfg.kv_cache_bytes for cfg in configs},  # as run: scaled to this machine
         "settings": settings.to_dict(),
         "workload": workload,
         "results": rows,

@@ -48,8 +48,7 @@ def markdown(report: dict[str, Any]) -> str:
          f"document {w['document_tokens']}, question {w['question_tokens']}, answer {w['answer_tokens']} tokens; "
          f"arrivals {w['arrival_rate']}/s (Poisson), think time {w['think_time_s']} s; seed {w['seed']}; "
          f"{s['rounds']} timed round(s) per configuration, round-robin across configurations.  "),
-        (f"vLLM KV space {_mib(s['engine']['kv_cache_bytes'])} MiB (reference: "
-         f"{_mib(s['engine']['reference_kv_cache_bytes'])} MiB), block size {s['engine']['block_size']}; "
+        (f"{_kv_spaces(report)}, block size {s['engine']['block_size']}; "
          f"machine: {report['machine']}; allocator of every engine: "
          f"{ALLOCATORS[s.get('allocator', 'default')]}; kvtier at {report.get('git', 'unknown')}.  "),
         _working_set(report),
@@ -99,6 +98,18 @@ def _queued(queue: dict[str, Any] | None) -> str:
     if not queue:
         return "–"
     return f"{queue['waiting_share']:.1%} of {queue['steps']:,} ({queue['max_waiting']})"
+
+
+def _kv_spaces(report: dict[str, Any]) -> str:
+    """vLLM's KV spaces as the engines ran them; where they were scaled to this machine, the settings' too."""
+    small, ref = report["settings"]["engine"]["kv_cache_bytes"], report["settings"]["engine"]["reference_kv_cache_bytes"]
+    ran = report.get("kv_cache_bytes") or {}
+    run_ref = ran.get("reference", ref)
+    run_small = next((b for name, b in ran.items() if name != "reference"), small)
+    text = f"vLLM KV space {_mib(run_small)} MiB (reference: {_mib(run_ref)} MiB"
+    if (run_small, run_ref) != (small, ref):
+        text += f"; the settings' {_mib(small)} / {_mib(ref)} MiB, scaled to this machine"
+    return text + ")"
 
 
 def _working_set(report: dict[str, Any]) -> str:
