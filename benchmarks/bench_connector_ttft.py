@@ -177,7 +177,8 @@ def _rep(llm: Any, length: int, rep: int, decode: int, hooks: Hooks | None = Non
         out["hooks_per_step"] = spent
         out["threads_per_step"] = threads
     _reset(llm)
-    drain(hooks)  # the decode prompt's saves land now, not inside this engine's next rep
+    # the decode prompt's saves land now, not inside this engine's next rep
+    drain(hooks.connector if hooks is not None else None)
     return out
 
 

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from kvtier_bench.inengine import drain
 from kvtier_bench.procs import compute_dtype, wait_for_startup_work
 from kvtier_bench.workload import Workload
 
@@ -81,9 +82,14 @@ def make_engine(spec: dict[str, Any]) -> Any:
                kv_cache_memory_bytes=eng["kv_cache_bytes"], **kwargs)
 
 
+def sub_block_prompt(block_size: int) -> list[int]:
+    """A prompt one token shorter than a block: it fills no block of its own."""
+    return [7 + (i * 31) % 3000 for i in range(block_size - 1)]
+
+
 def warm_up(engine: Any, block_size: int) -> None:
     """One request shorter than a block (nothing is cached or saved) so kernels are initialised."""
-    generate_one(engine, "warmup", [7 + (i * 31) % 3000 for i in range(block_size - 1)], 4)
+    generate_one(engine, "warmup", sub_block_prompt(block_size), 4)
 
 
 def replay(engine: Any, workload: Workload) -> tuple[list[dict[str, Any]], dict[str, int] | None]:
@@ -224,12 +230,11 @@ def settle(llm: Any, block_size: int, name: str, timeout_s: float = 120.0) -> di
     includes deleting the previous round's files (a disk tier: ~1,400 unlinks, ~0.7 s on ext4 here), so that
     it does not run inside the timed round. Returns the blocks each tier holds then (None without a connector
     in this process: an engine core in its own process, whose clear then finishes in the background)."""
-    generate_one(llm.llm_engine, name, [7 + (i * 31) % 3000 for i in range(block_size - 1)], 1)
+    generate_one(llm.llm_engine, name, sub_block_prompt(block_size), 1)
     connector = _local_connector()
-    if connector is None or not hasattr(connector, "drain"):
+    if connector is None or not hasattr(connector, "drain"):  # not kvtier's (e.g. LMCache's), or none here
         return None
-    if not connector.drain(timeout_s):
-        raise RuntimeError(f"the connector's background work did not finish within {timeout_s} s")
+    drain(connector, timeout_s)
     usage = (connector.snapshot() or {}).get("usage", {})
     return {tier: int(u["blocks"]) for tier, u in usage.items()}
 

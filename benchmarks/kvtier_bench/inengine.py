@@ -99,10 +99,11 @@ def since(before: Sched) -> tuple[float, float]:
     return cpu / 1e9, wait / 1e9
 
 
-def drain(hooks: Hooks | None, timeout_s: float = 60.0) -> None:
-    """Wait for kvtier's saves still in flight, so that they do not run into what is measured next."""
-    if hooks is not None and hooks.connector is not None and not hooks.connector.drain(timeout_s):
-        raise RuntimeError(f"kvtier's saves did not finish within {timeout_s} s")
+def drain(connector: Any, timeout_s: float = 60.0) -> None:
+    """Wait for the work a kvtier connector still has in flight (saves, promotions, deletes after a clear), so
+    that it does not run into what is measured next. Nothing to wait for without one (None)."""
+    if connector is not None and not connector.drain(timeout_s):
+        raise RuntimeError(f"kvtier's background work did not finish within {timeout_s} s")
 
 
 def loaded_bytes(hooks: Hooks | None) -> int:
