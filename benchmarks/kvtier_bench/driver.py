@@ -88,7 +88,8 @@ def sub_block_prompt(block_size: int) -> list[int]:
 
 
 def warm_up(engine: Any, block_size: int) -> None:
-    """One request shorter than a block (nothing is cached or saved) so kernels are initialised."""
+    """One request shorter than a block so kernels are initialised (prefill and decode). Its prompt fills no
+    block; with its generated tokens it fills one, which kvtier may save (an unrelated block, never reused)."""
     generate_one(engine, "warmup", sub_block_prompt(block_size), 4)
 
 
